@@ -1,0 +1,29 @@
+// The one place the nanovllm_cpp ops are declared. CUDA implementations register under
+// TORCH_LIBRARY_IMPL(nanovllm_cpp, CUDA, ...) in csrc/*_cuda.cpp; the CPU implementations are the PyTorch
+// references in nanovllm_cpp/reference.py, registered from Python.
+//
+// KV cache layout (one tensor for keys, one for values, per layer):
+//   [num_blocks, block_size, num_kv_heads, head_dim], contiguous.
+// A token's slot is block_id * block_size + offset; slot -1 marks padding.
+#include <torch/library.h>
+
+TORCH_LIBRARY(nanovllm_cpp, m) {
+  // k_cache/v_cache[slot_mapping[t]] = key/value[t] for every t with slot_mapping[t] >= 0.
+  // key, value: [num_tokens, num_kv_heads, head_dim] (token stride free); slot_mapping: int64 [num_tokens].
+  m.def("store_kvcache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
+  // out = x / sqrt(mean(x^2, -1) + eps) * weight over the last dim; x: [..., hidden] with a contiguous last dim.
+  m.def("rms_norm(Tensor(a!) out, Tensor x, Tensor weight, float eps) -> ()");
+  // residual += x; x = rms_norm(residual) * weight, both in place.
+  m.def("fused_add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  // NeoX (rotate-half) rotary embedding in place. query: [num_tokens, num_q_heads, head_dim],
+  // key: [num_tokens, num_kv_heads, head_dim] (token strides free); positions: int64 [num_tokens];
+  // cos_sin_cache: float32 [max_position, head_dim] holding cos in the first half and sin in the second.
+  m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
+  // One query token per sequence against its paged KV. out, query: [num_seqs, num_q_heads, head_dim];
+  // block_tables: int32 [num_seqs, max_blocks_per_seq]; context_lens: int32 [num_seqs] (0 = padding row, its
+  // output is left untouched); max_context_len: a host-side bound on context_lens (fixed for a CUDA graph);
+  // workspace: float32, at least nanovllm_cpp.paged_attention_workspace_size(...) elements.
+  m.def(
+      "paged_attention_decode(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale, int max_context_len, Tensor(b!) workspace) -> ()");
+}

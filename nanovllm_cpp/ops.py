@@ -1,0 +1,93 @@
+"""Typed entry points of the nanovllm_cpp ops (schemas in csrc/torch_bindings.cpp).
+
+Each op dispatches on its tensors' device: CUDA tensors run the hand-written kernels, CPU tensors run the
+PyTorch references of nanovllm_cpp.reference. Every op writes its outputs in place and returns nothing, so
+they are safe inside CUDA graphs and torch.compile (the fake implementations below do nothing).
+"""
+
+import torch
+
+from nanovllm_cpp import _C, reference
+
+CUDA_ENABLED: bool = _C.CUDA_ENABLED
+_ops = torch.ops.nanovllm_cpp
+_OP_NAMES = ("store_kvcache", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "paged_attention_decode")
+
+
+def _not_built(name):
+    def fail(*args, **kwargs):
+        raise RuntimeError(
+            f"nanovllm_cpp.{name} was called on CUDA tensors, but this build of nanovllm_cpp skipped its CUDA "
+            "kernels (torch was a CPU build or nvcc was missing at install time). Reinstall with a CUDA build of "
+            "torch and nvcc on PATH: pip install --no-build-isolation .")
+    return fail
+
+
+for _name in _OP_NAMES:
+    torch.library.impl(f"nanovllm_cpp::{_name}", "CPU")(getattr(reference, _name))
+    torch.library.register_fake(f"nanovllm_cpp::{_name}")(lambda *args, **kwargs: None)
+    if not CUDA_ENABLED:
+        torch.library.impl(f"nanovllm_cpp::{_name}", "CUDA")(_not_built(_name))
+
+
+def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """Scatter new keys/values into the paged cache.
+
+    key, value: [num_tokens, num_kv_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
+    head_dim]; slot_mapping: int64 [num_tokens], slot = block * block_size + offset, -1 = skip (padding).
+    """
+    _ops.store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def rms_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """out = x / sqrt(mean(x**2) + eps) * weight over the last dim ([tokens, hidden] or [tokens, heads, dim])."""
+    _ops.rms_norm(out, x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """In place: residual += x, then x = rms_norm(residual) * weight."""
+    _ops.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> None:
+    """NeoX (rotate-half) rotary embedding of query [tokens, q_heads, dim] and key [tokens, kv_heads, dim], in place.
+
+    positions: int64 [tokens]; cos_sin_cache: float32 [max_position, dim], cos | sin halves
+    (see reference.rotary_cos_sin_cache).
+    """
+    _ops.rotary_embedding(positions, query, key, cos_sin_cache)
+
+
+def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           max_context_len: int, workspace: torch.Tensor) -> None:
+    """Attention of one query token per sequence over its paged KV cache (GQA, split-K on the GPU).
+
+    out, query: [num_seqs, num_q_heads, head_dim]; block_tables: int32 [num_seqs, max_blocks];
+    context_lens: int32 [num_seqs] (0 marks a padding row, left untouched); max_context_len: host-side upper
+    bound of context_lens; workspace: from paged_attention_workspace().
+    """
+    _ops.paged_attention_decode(out, query, k_cache, v_cache, block_tables, context_lens, scale, max_context_len,
+                                workspace)
+
+
+def paged_attention_workspace_size(max_num_seqs: int, num_q_heads: int, head_dim: int, max_context_len: int) -> int:
+    """float32 elements of scratch the decode kernel needs for any batch up to these bounds.
+
+    Split-K keeps, per (sequence, query head, partition), a partial output row plus its running max and sum.
+    """
+    partition = 512
+    partitions = -(-max_context_len // partition)
+    return max_num_seqs * num_q_heads * partitions * (head_dim + 2)
+
+
+def paged_attention_workspace(max_num_seqs: int, num_q_heads: int, head_dim: int, max_context_len: int,
+                              device: torch.device | str) -> torch.Tensor:
+    """Allocate once, reuse for every decode step (no allocation per call, so CUDA graphs can capture it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.empty(0, dtype=torch.float32, device=device)
+    size = paged_attention_workspace_size(max_num_seqs, num_q_heads, head_dim, max_context_len)
+    return torch.empty(size, dtype=torch.float32, device=device)

@@ -1,0 +1,91 @@
+"""Plain PyTorch references of the nanovllm_cpp ops.
+
+They define what each CUDA kernel must compute, and they are the ops' CPU implementations, so the engine
+runs (and is tested) without a GPU. Arithmetic is fp32 whatever the storage dtype. Signatures match the
+op schemas in csrc/torch_bindings.cpp: outputs are written in place.
+"""
+
+import torch
+
+
+def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[valid].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[valid].to(v_cache.dtype)
+
+
+def rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+
+def rms_norm(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    out.copy_(rms_norm_fp32(x, weight, eps))
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    residual.copy_(residual.float() + x.float())
+    x.copy_(rms_norm_fp32(residual, weight, eps))
+
+
+def rotary_cos_sin_cache(head_dim: int, max_position: int, base: float,
+                         scaling: dict | None = None) -> torch.Tensor:
+    """float32 [max_position, head_dim]: cos of each frequency in the first half, sin in the second."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is not None:
+        inv_freq = _scale_frequencies(inv_freq, scaling)
+    freqs = torch.outer(torch.arange(max_position, dtype=torch.float64), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
+
+
+def _scale_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * torch.pi / inv_freq
+        smooth = ((old_len / wavelen) - low) / (high - low)
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        return torch.where(wavelen > old_len / low, inv_freq / factor,
+                           torch.where(wavelen < old_len / high, inv_freq, smoothed))
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> None:
+    cos, sin = cos_sin_cache[positions].float().unsqueeze(1).chunk(2, dim=-1)
+    query.copy_(_rotate(query, cos, sin))
+    key.copy_(_rotate(key, cos, sin))
+
+
+def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           max_context_len: int, workspace: torch.Tensor) -> None:
+    num_seqs, num_heads, head_dim = query.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    lens = context_lens.long()
+    live = lens > 0
+    if not bool(live.any()):
+        return
+    width = int(lens.max()) + block_size - 1
+    tables = block_tables[live, : width // block_size].long()
+    keys = k_cache[tables.clamp(min=0)].flatten(1, 2).float()  # [n, tokens, kv_heads, head_dim]
+    values = v_cache[tables.clamp(min=0)].flatten(1, 2).float()
+    group = num_heads // num_kv_heads
+    q = query[live].float().view(-1, num_kv_heads, group, head_dim)
+    scores = torch.einsum("nhgd,nthd->nhgt", q, keys) * scale
+    beyond = torch.arange(keys.shape[1], device=keys.device) >= lens[live].unsqueeze(1)  # [n, tokens]
+    scores.masked_fill_(beyond[:, None, None, :], float("-inf"))
+    attn = torch.einsum("nhgt,nthd->nhgd", scores.softmax(-1), values)
+    out[live] = attn.reshape(-1, num_heads, head_dim).to(out.dtype)
