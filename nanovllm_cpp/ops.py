@@ -5,11 +5,17 @@ PyTorch references of nanovllm_cpp.reference. Every op writes its outputs in pla
 they are safe inside CUDA graphs and torch.compile (the fake implementations below do nothing).
 """
 
+import warnings
+
 import torch
 
 from nanovllm_cpp import _C, reference
 
 CUDA_ENABLED: bool = _C.CUDA_ENABLED
+if not CUDA_ENABLED and torch.cuda.is_available():
+    warnings.warn("nanovllm_cpp was built without its CUDA kernels (CPU-only torch or no nvcc at install time); "
+                  "ops on CUDA tensors will raise. Reinstall with a CUDA build of torch: "
+                  "pip install --no-build-isolation .", stacklevel=2)
 _ops = torch.ops.nanovllm_cpp
 _OP_NAMES = ("store_kvcache", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "paged_attention_decode")
 
