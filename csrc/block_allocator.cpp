@@ -79,29 +79,39 @@ void BlockAllocator::check_tokens(const int32_t* tokens, size_t n) const {
                                                    std::to_string(i) + " is negative");
 }
 
+std::vector<int> BlockAllocator::find_cached(uint64_t hash, const std::vector<int>& parents, const int32_t* tokens) const {
+  std::vector<int> found;
+  auto [first, last] = prefix_map_.equal_range(hash);
+  for (auto it = first; it != last; ++it) {
+    const int b = it->second;
+    const Block& blk = blocks_[b];
+    const bool known_parent = std::any_of(parents.begin(), parents.end(), [&](int p) {
+      return blk.parent == p && (p == -1 || blk.parent_generation == blocks_[p].generation);
+    });
+    if (known_parent && std::memcmp(block_tokens_.data() + static_cast<size_t>(b) * block_size_, tokens,
+                                    sizeof(int32_t) * block_size_) == 0)
+      found.push_back(b);
+  }
+  return found;
+}
+
 // Longest chain of cached blocks equal to the prompt's leading full blocks, stopping before the block that
 // holds the last prompt token. Every hit is confirmed against the stored token ids and against the identity
-// (id and generation) of the block matched just before it, so a hash collision never reuses foreign KV.
+// (id and generation) of a block already confirmed for the previous position, so a hash collision never
+// reuses foreign KV. Identical copies of a block (two sequences computed it at once) are all valid parents.
 std::vector<int32_t> BlockAllocator::match_prefix(const std::vector<int32_t>& tokens) const {
   std::vector<int32_t> hits;
   if (!prefix_caching_ || tokens.empty()) return hits;
   const size_t max_blocks = (tokens.size() - 1) / block_size_;
   uint64_t parent_hash = kRootHash;
-  int parent = -1;
+  std::vector<int> parents{-1};
   for (size_t i = 0; i < max_blocks; ++i) {
     const int32_t* chunk = tokens.data() + i * block_size_;
     const uint64_t h = hash_of(parent_hash, chunk);
-    auto it = prefix_map_.find(h);
-    if (it == prefix_map_.end()) break;
-    const int b = it->second;
-    const Block& blk = blocks_[b];
-    const bool same_parent = blk.parent == parent && (parent == -1 || blk.parent_generation == blocks_[parent].generation);
-    const bool same_tokens = std::memcmp(block_tokens_.data() + static_cast<size_t>(b) * block_size_, chunk,
-                                         sizeof(int32_t) * block_size_) == 0;
-    if (!same_parent || !same_tokens) break;
-    hits.push_back(b);
+    parents = find_cached(h, parents, chunk);
+    if (parents.empty()) break;
+    hits.push_back(parents.front());
     parent_hash = h;
-    parent = b;
   }
   return hits;
 }
@@ -159,7 +169,7 @@ void BlockAllocator::register_block(Sequence& s, int index) {
   blk.parent_generation = parent == -1 ? 0 : blocks_[parent].generation;
   blk.hashed = true;
   std::memcpy(block_tokens_.data() + static_cast<size_t>(b) * block_size_, chunk, sizeof(int32_t) * block_size_);
-  prefix_map_[blk.hash] = b;  // on a collision the newest block wins; the older one is simply not findable
+  prefix_map_.emplace(blk.hash, b);
   s.num_hashed_blocks = index + 1;
 }
 
@@ -219,8 +229,12 @@ int BlockAllocator::take_free_block() {
   unlink_free(b);
   Block& blk = blocks_[b];
   if (blk.hashed) {
-    auto it = prefix_map_.find(blk.hash);
-    if (it != prefix_map_.end() && it->second == b) prefix_map_.erase(it);
+    auto [first, last] = prefix_map_.equal_range(blk.hash);
+    for (auto it = first; it != last; ++it)
+      if (it->second == b) {
+        prefix_map_.erase(it);
+        break;
+      }
     blk.hashed = false;
     ++stats_.evictions;
   }

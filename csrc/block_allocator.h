@@ -93,6 +93,8 @@ class BlockAllocator {
   uint64_t hash_of(uint64_t parent_hash, const int32_t* tokens) const;
   std::vector<int32_t> match_prefix(const std::vector<int32_t>& tokens) const;
   bool fits(const std::vector<int32_t>& hits, size_t num_tokens) const;
+  // Cached blocks with this hash and tokens whose parent (id and generation) is one of `parents`.
+  std::vector<int> find_cached(uint64_t hash, const std::vector<int>& parents, const int32_t* tokens) const;
   int blocks_for(size_t num_tokens) const { return static_cast<int>((num_tokens + block_size_ - 1) / block_size_); }
   void check_tokens(const int32_t* tokens, size_t n) const;
   void register_block(Sequence& s, int index);
@@ -106,7 +108,9 @@ class BlockAllocator {
   std::vector<Block> blocks_;
   std::vector<int32_t> block_tokens_;  // num_blocks * block_size: contents of hashed blocks, for hit checks
   int free_head_ = -1, free_tail_ = -1, num_free_ = 0;
-  std::unordered_map<uint64_t, int> prefix_map_;
+  // A multimap: identical blocks computed by two sequences at once are both cached, and each stays findable
+  // until it is itself evicted; colliding hashes of different contents also share a key.
+  std::unordered_multimap<uint64_t, int> prefix_map_;
   std::unordered_map<int64_t, Sequence> seqs_;
   AllocatorStats stats_;
 };
