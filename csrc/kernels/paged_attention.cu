@@ -5,7 +5,7 @@
 // 16-byte chunks are spread over kLanesPerToken lanes (a warp reads whole 256-byte rows, several tokens per
 // load instruction) and all K and V loads of a tile are issued before the first is used. Scores and the
 // online softmax are fp32. The warps' (max, sum, output) states are merged through shared memory and written
-// straight to `out` when the sequence has one partition, else to the float32 workspace, which the reduce
+// straight to `out` when the sequence fits in one partition, else to the float32 workspace, which the reduce
 // kernel combines. CTAs of partitions past a sequence's length exit at once, so a launch shaped for
 // max_context_len (CUDA graphs) costs what the actual lengths cost.
 #include "kernels/paged_attention.h"
@@ -108,6 +108,7 @@ paged_attention_partition_kernel(const PagedAttentionParams p, int partition_siz
   const int start = partition * partition_size;
   if (start >= len) return;  // padding row, or a partition past this sequence's end
   const int end = min(start + partition_size, len);
+  const bool whole_sequence = len <= partition_size;  // one partition: no reduce, write out directly
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slot = lane / L::kLanesPerToken;                // which token of a load this lane reads
@@ -264,7 +265,7 @@ paged_attention_partition_kernel(const PagedAttentionParams p, int partition_siz
       out += warp_out[w][h][d] * c;
     }
     const int head = kv_head * group + h;
-    if (num_partitions == 1) {
+    if (whole_sequence) {
       store(static_cast<T*>(p.out) + seq * p.out_seq_stride + head * p.out_head_stride + d, out / sum);
     } else {
       const Workspace ws(p, num_partitions);
@@ -288,6 +289,7 @@ paged_attention_reduce_kernel(const PagedAttentionParams p, int partition_size, 
   const int len = sequence_length(p, seq);
   if (len == 0) return;
   const int parts = (len + partition_size - 1) / partition_size;
+  if (parts == 1) return;  // the partition kernel wrote this sequence's output itself
   const Workspace ws(p, num_partitions);
   const int64_t row0 = (int64_t(seq) * p.num_q_heads + head) * num_partitions;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -347,20 +349,22 @@ struct Split {
   int num_partitions;
 };
 
-// Split only when (sequence, kv head) pairs alone cannot fill the GPU (fewer than kSplitBelowCtasPerSm per SM).
-// Then partitions are as short as the workspace allows, down to kMinPartitionTokens: for max_context_len far
-// beyond the real lengths (CUDA graphs) that keeps the CTAs of short sequences short, while the surplus CTAs
-// exit at once.
+// Partitions are as short as the workspace allows (down to kMinPartitionTokens) while (sequence, kv head) pairs
+// alone cannot fill the GPU, and kLongPartitionTokens long once they can: then short sequences take one partition
+// and write their output directly, and only long ones are split (and reduced), so one long sequence cannot hold
+// up a large batch. Partitions past a sequence's end exit at once, so sizing by max_context_len (CUDA graphs)
+// costs little when the real lengths are shorter.
 Split choose_split(const PagedAttentionParams& p) {
-  constexpr int64_t kSplitBelowCtasPerSm = 4;
+  constexpr int64_t kEnoughCtasPerSm = 2, kLongPartitionTokens = 4096;
   const int64_t work_items = int64_t(p.num_seqs) * p.num_kv_heads;
   const int64_t max_len = p.max_context_len;
-  const int64_t max_partitions = kMaxSplitRows / p.num_seqs;
-  if (work_items >= kSplitBelowCtasPerSm * multiprocessor_count() || max_partitions < 2 ||
-      max_len <= kMinPartitionTokens) {
+  const int64_t max_partitions = kMaxSplitRows / p.num_seqs;  // what the workspace holds
+  if (max_partitions < 2 || max_len <= kMinPartitionTokens) {
     return {int((max_len + kTileAlign - 1) / kTileAlign * kTileAlign), 1};
   }
-  int64_t size = std::max(kMinPartitionTokens, (max_len + max_partitions - 1) / max_partitions);
+  const bool enough_ctas = work_items >= kEnoughCtasPerSm * multiprocessor_count();
+  int64_t size = std::max(enough_ctas ? kLongPartitionTokens : kMinPartitionTokens,
+                          (max_len + max_partitions - 1) / max_partitions);
   size = (size + kTileAlign - 1) / kTileAlign * kTileAlign;
   return {int(size), int((max_len + size - 1) / size)};
 }
