@@ -41,7 +41,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import transformers
+
 from nanovllm import LLM, SamplingParams
+from nanovllm.config import Config
 
 QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                   head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True,
@@ -81,6 +84,9 @@ def write_random_model(shape: dict, target: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     staging = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(target)))
     model.save_pretrained(staging)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the engine sizes its KV cache from the memory left free
     PreTrainedTokenizerFast(tokenizer_object=words).save_pretrained(staging)
     os.chmod(staging, 0o755)  # mkdtemp makes it private; the cache is shared like any model folder
     shutil.rmtree(target, ignore_errors=True)
@@ -260,7 +266,6 @@ def timed_generate(llm: LLM, prompts, params, device: torch.device) -> tuple[int
 def peer_generate(path: str, prompts: list[list[int]], max_new_tokens: int, warmup_prompts: int,
                   device: str = "cuda") -> dict:
     """transformers' continuous batching, greedy with EOS disabled; runs in a child process."""
-    import transformers
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").to(device)
@@ -357,15 +362,18 @@ def run(args) -> dict:
         except Exception as e:  # a peer that fails to run is reported, not fatal to our numbers
             peer = {"error": f"{type(e).__name__}: {e}"}
 
-    llm = LLM(path, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9,
-              kvcache_block_size=16, enforce_eager=args.enforce_eager, enable_prefix_caching=True)
-    device = torch.device(llm.config.device)
-    dtype = llm.config.dtype
-    cost = ModelCost.of(llm.config.hf_config, dtype.itemsize)
+    # The engine's own device and dtype choice; the rates are measured before its KV cache takes the memory.
+    config = Config(path)
+    device, dtype = torch.device(config.device), config.dtype
+    cost = ModelCost.of(config.hf_config, dtype.itemsize)
     rates = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
              "dtype": str(dtype).removeprefix("torch."),
              "copy_GBps": copy_bandwidth(device) / 1e9, "matmul_TFLOPs": matmul_rate(device, dtype) / 1e12}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    llm = LLM(path, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9,
+              kvcache_block_size=16, enforce_eager=args.enforce_eager, enable_prefix_caching=True)
 
     def floor(prompts, params):
         return simulate_floor(cost, [len(p) for p in prompts], [p.max_tokens for p in params],
@@ -397,7 +405,13 @@ def run(args) -> dict:
         if ours is not None:
             peer["ours_over_peer"] = ours.tok_per_s / peer["tok_per_s"]
     print_table(rows, peer, rates)
-    result = {"model": {"path": path, **shape}, "rates": rates,
+    hf = config.hf_config
+    model = {k: getattr(hf, k, None) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                               "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+                                               "tie_word_embeddings")}
+    result = {"model": {"path": path, **model, "params": cost.weight_bytes // dtype.itemsize},
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+              "rates": rates,
               "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                          "max_model_len": args.max_model_len, "enforce_eager": args.enforce_eager,
                          "num_prompts": args.num_prompts, "output_cap": args.output_cap},
