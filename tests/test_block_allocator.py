@@ -463,6 +463,25 @@ def test_decode_filled_blocks_become_cacheable():
     assert a.block_table(1)[:2] == a.block_table(0)[:2]
 
 
+def test_every_cached_block_stays_findable():
+    """is_cached means "full, computed and findable by its chained hash" (block_allocator.h). Two sequences that
+    fill identical blocks (the same prompt allocated twice before a commit, or the same tokens decoded twice)
+    both get hashed; the map keeps the newer. Once that one is evicted, the older one must still serve a hit,
+    or must not claim to be cached (it would also hold an LRU place that an uncached block deserves)."""
+    a = BlockAllocator(4, 8)
+    p = list(range(9))
+    a.allocate(0, p)
+    a.allocate(1, p)
+    a.commit(0, 9)
+    a.commit(1, 9)
+    a.free(1)
+    a.free(0)
+    a.allocate(2, tokens_of(24, 5))  # three of the four blocks: one of the two copies is evicted
+    a.free(2)
+    holding_p = [b for b in range(4) if a.is_cached(b) and a.block_hash(b) == chain_hashes(p, 8)[0]]
+    assert a.allocate(3, p) == (8 if holding_p else 0)
+
+
 def test_prefix_caching_disabled():
     a = BlockAllocator(8, 16, enable_prefix_caching=False)
     assert not a.prefix_caching
