@@ -1,4 +1,6 @@
-"""The C++ block allocator against a plain-Python allocator of the same logic (CPU; `pytest benchmarks/bench_allocator.py`).
+"""The C++ block allocator against a plain-Python allocator of the same logic.
+
+CPU only: `pytest benchmarks/bench_allocator.py` prints ops/s of both and their ratio.
 
 One round = the bookkeeping of a whole offline batch: 512 prompts of 100-1000 tokens are allocated and
 committed, then every sequence grows by 128 decode tokens (one append_all per step, as the engine calls it),
@@ -6,6 +8,7 @@ then all are freed. An op is one sequence-level call: allocate, commit, one toke
 """
 
 import random
+import time
 from collections import OrderedDict
 
 import pytest
@@ -157,6 +160,41 @@ def test_print_ratio_table(capsys):
     with capsys.disabled():
         print(f"\nblock allocator, {NUM_SEQS} seqs x ({DECODE_STEPS} appends + allocate/commit/free), "
               f"{OPS_PER_ROUND} ops per round\n" + "\n".join(rows))
+
+
+def phase_seconds(impl, prompts, decode_tokens, num_blocks) -> dict[str, float]:
+    """Seconds of each phase of run_batch, for one fresh allocator."""
+    alloc, ids = IMPLS[impl](num_blocks, BLOCK_SIZE), list(range(len(prompts)))
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        alloc.allocate(i, p)
+    t1 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        alloc.commit(i, len(p))
+    t2 = time.perf_counter()
+    for step_tokens in decode_tokens:
+        alloc.append_all(ids, step_tokens)
+    t3 = time.perf_counter()
+    for i in ids:
+        alloc.free(i)
+    t4 = time.perf_counter()
+    return {"allocate": t1 - t0, "commit": t2 - t1, "decode step": (t3 - t2) / len(decode_tokens), "free": t4 - t3}
+
+
+def test_print_phase_breakdown(capsys):
+    """Where the time goes (median of 3): allocate converts each prompt's token list at the binding."""
+    prompts = make_prompts(shared=False)
+    rng = random.Random(1)
+    decode_tokens = [[rng.randrange(VOCAB) for _ in range(NUM_SEQS)] for _ in range(DECODE_STEPS)]
+    num_blocks = NUM_SEQS * -(-(1000 + DECODE_STEPS) // BLOCK_SIZE)
+    rows = [f"{'phase (distinct)':<18} {'C++ us':>10} {'Python us':>10}"]
+    runs = {impl: [phase_seconds(impl, prompts, decode_tokens, num_blocks) for _ in range(3)] for impl in IMPLS}
+    for phase in runs["C++"][0]:
+        cpp, py = (sorted(r[phase] for r in runs[impl])[1] * 1e6 for impl in IMPLS)
+        rows.append(f"{phase:<18} {cpp:>10.0f} {py:>10.0f}")
+    with capsys.disabled():
+        print(f"\nper phase, {NUM_SEQS} sequences (decode step = one append_all of {NUM_SEQS} tokens)\n"
+              + "\n".join(rows))
 
 
 def test_python_twin_agrees_with_cpp():

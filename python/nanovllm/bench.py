@@ -24,8 +24,9 @@ Each step costs max(bytes / copy bandwidth, FLOPs / matmul rate), both measured 
 Copy bandwidth: a 1 GiB device-to-device copy, bytes read + written. Matmul rate: a square matmul in the
 model's dtype. Reported as fraction = floor time / measured time (1.0 = at the floor).
 
---peer runs transformers' continuous batching (generate_batch, paged sdpa attention) on W1 in a child process,
-so its memory never meets ours.
+--peer runs transformers' continuous batching (generate_batch; it pages the --peer-attn attention, default sdpa)
+on W1 in a child process, so its memory never meets ours. Its time runs from its first request's creation to
+its last one's end: each generate_batch call sizes its cache and captures graphs first, which ours does in LLM().
 """
 
 import argparse
@@ -145,7 +146,8 @@ class ModelCost:
 
     @classmethod
     def of(cls, hf, dtype_bytes: int) -> "ModelCost":
-        h, d, i = hf.hidden_size, getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads, hf.intermediate_size
+        h, i = hf.hidden_size, hf.intermediate_size
+        d = getattr(hf, "head_dim", None) or h // hf.num_attention_heads
         nq, nkv, layers = hf.num_attention_heads, hf.num_key_value_heads, hf.num_hidden_layers
         per_layer = h * nq * d + 2 * h * nkv * d + nq * d * h + 3 * h * i + 2 * h + 2 * d
         embed = hf.vocab_size * h
@@ -191,7 +193,8 @@ def simulate_floor(cost: ModelCost, prompt_lens: list[int], max_tokens: list[int
                     running.append(s)
             sampled = len(finished_prompts)
             nbytes = cost.weight_bytes + (kv_read + new_tokens) * cost.kv_bytes_per_token
-            flops = 2 * cost.layer_params * new_tokens + 2 * cost.head_params * sampled + cost.attn_flops_per_ctx * attn_ctx
+            flops = (2 * cost.layer_params * new_tokens + 2 * cost.head_params * sampled
+                     + cost.attn_flops_per_ctx * attn_ctx)
             prefill_s += step_time(nbytes, flops)
             steps["prefill"] += 1
         else:
@@ -264,11 +267,11 @@ def timed_generate(llm: LLM, prompts, params, device: torch.device) -> tuple[int
 
 
 def peer_generate(path: str, prompts: list[list[int]], max_new_tokens: int, warmup_prompts: int,
-                  device: str = "cuda") -> dict:
+                  attn: str = "sdpa", device: str = "cuda") -> dict:
     """transformers' continuous batching, greedy with EOS disabled; runs in a child process."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").to(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation=attn).to(device)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     model.generate_batch(prompts[:warmup_prompts], GenerationConfig(max_new_tokens=8, do_sample=False,
                                                                     eos_token_id=-1, pad_token_id=0))
@@ -283,13 +286,14 @@ def peer_generate(path: str, prompts: list[list[int]], max_new_tokens: int, warm
     created = [getattr(o, "created_time", -1) for o in outputs]
     finished = [getattr(o, "lifespan", (-1, -1))[1] for o in outputs]
     serving = max(finished) - min(created) if min(created) >= start and min(finished) > 0 else call_seconds
-    return {"engine": f"transformers {transformers.__version__} generate_batch (continuous batching, sdpa)",
-            "requests": len(outputs), "output_tokens": tokens, "seconds": serving, "call_seconds": call_seconds, "tok_per_s": tokens / serving}
+    return {"engine": f"transformers {transformers.__version__} generate_batch (continuous batching, {attn})",
+            "requests": len(outputs), "output_tokens": tokens, "seconds": serving, "call_seconds": call_seconds,
+            "tok_per_s": tokens / serving}
 
 
-def run_peer(path: str, workload: Workload, device: str = "cuda") -> dict:
+def run_peer(path: str, workload: Workload, attn: str = "sdpa", device: str = "cuda") -> dict:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(peer_generate, (path, workload.prompts, workload.params[0].max_tokens, 8, device))
+        return pool.apply(peer_generate, (path, workload.prompts, workload.params[0].max_tokens, 8, attn, device))
 
 
 @dataclass
@@ -309,7 +313,8 @@ class Row:
 
 
 def print_table(rows: list[Row], peer: dict | None, rates: dict) -> None:
-    print(f"device: {rates['device']}   copy {rates['copy_GBps']:.0f} GB/s   matmul {rates['matmul_TFLOPs']:.1f} TFLOP/s")
+    print(f"device: {rates['device']}   copy {rates['copy_GBps']:.0f} GB/s   "
+          f"matmul {rates['matmul_TFLOPs']:.1f} TFLOP/s ({rates['dtype']})")
     print(f"{'run':<16} {'tokens':>8} {'seconds':>9} {'tok/s':>10} {'floor tok/s':>12} {'of floor':>9}")
     for r in rows:
         print(f"{r.name:<16} {r.output_tokens:>8} {r.seconds:>9.3f} {r.tok_per_s:>10.1f} {r.floor_tok_per_s:>12.1f} "
@@ -318,8 +323,9 @@ def print_table(rows: list[Row], peer: dict | None, rates: dict) -> None:
         if "error" in peer:
             print(f"peer: failed: {peer['error']}")
         else:
+            ratio = f"ours/peer {peer['ours_over_peer']:.2f}x" if "ours_over_peer" in peer else ""
             print(f"{'peer W1':<16} {peer['output_tokens']:>8} {peer['seconds']:>9.3f} {peer['tok_per_s']:>10.1f}   "
-                  f"ours/peer {peer['ours_over_peer']:.2f}x   ({peer['engine']})")
+                  f"{ratio}   ({peer['engine']})")
 
 
 def save_chart(rows: list[Row], peer: dict | None, path: str) -> None:
@@ -358,7 +364,7 @@ def run(args) -> dict:
         if not torch.cuda.is_available():
             raise SystemExit("--peer needs a CUDA GPU")
         try:
-            peer = run_peer(path, loads["W1"])
+            peer = run_peer(path, loads["W1"], args.peer_attn)
         except Exception as e:  # a peer that fails to run is reported, not fatal to our numbers
             peer = {"error": f"{type(e).__name__}: {e}"}
 
@@ -436,6 +442,8 @@ def parse_args(argv=None):
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--peer", action="store_true", help="also run transformers' continuous batching on W1 (GPU)")
+    p.add_argument("--peer-attn", default="sdpa",
+                   help="attn_implementation for the peer's model (continuous batching pages it itself)")
     p.add_argument("--json", help="write every number to this JSON file")
     p.add_argument("--chart", help="write a bar chart (PNG) if matplotlib is installed")
     args = p.parse_args(argv)
