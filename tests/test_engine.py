@@ -22,7 +22,7 @@ SCHEDULES = {
 @pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("model", ["qwen3", "llama"])
 def test_greedy_matches_transformers(model, schedule, tiny_models, prompts, hf_reference):
-    with LLM(tiny_models[model], max_model_len=256, **SCHEDULES[schedule]) as llm:
+    with LLM(tiny_models[model], device="cpu", max_model_len=256, **SCHEDULES[schedule]) as llm:
         outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
         assert [o.token_ids for o in outputs] == hf_reference(model)
         assert all(o.finish_reason == "length" for o in outputs)
@@ -38,7 +38,7 @@ def test_greedy_matches_transformers(model, schedule, tiny_models, prompts, hf_r
 
 
 def test_prefix_cache_hits_on_repeat(tiny_models, prompts, hf_reference):
-    with LLM(tiny_models["qwen3"], max_model_len=256) as llm:
+    with LLM(tiny_models["qwen3"], device="cpu", max_model_len=256) as llm:
         first = llm.generate(prompts, GREEDY, use_tqdm=False)
         hits = llm.scheduler.allocator.stats.hit_tokens
         second = llm.generate(prompts, GREEDY, use_tqdm=False)
@@ -47,7 +47,7 @@ def test_prefix_cache_hits_on_repeat(tiny_models, prompts, hf_reference):
 
 
 def test_per_prompt_params_and_order(tiny_models, prompts, hf_reference):
-    with LLM(tiny_models["llama"], max_model_len=256) as llm:
+    with LLM(tiny_models["llama"], device="cpu", max_model_len=256) as llm:
         lengths = [1 + i % 7 for i in range(len(prompts))]
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
         outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -58,7 +58,7 @@ def test_per_prompt_params_and_order(tiny_models, prompts, hf_reference):
 
 def test_stop_tokens_and_eos(tiny_models, prompts, hf_reference):
     expected = hf_reference("qwen3")[6]
-    with LLM(tiny_models["qwen3"], max_model_len=256) as llm:
+    with LLM(tiny_models["qwen3"], device="cpu", max_model_len=256) as llm:
         stop = expected[5]
         cut = expected.index(stop) + 1
         out = llm.generate([prompts[6]], SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True,
@@ -78,12 +78,12 @@ def test_eos_list_from_generation_config(tmp_path, tiny_models):
     folder = tmp_path / "model"
     shutil.copytree(tiny_models["qwen3"], folder)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7, 11]}))
-    with LLM(str(folder), max_model_len=256) as llm:
+    with LLM(str(folder), device="cpu", max_model_len=256) as llm:
         assert llm.eos_token_ids == {2, 7, 11}
 
 
 def test_sampling_is_seeded_per_request(tiny_models, prompts):
-    with LLM(tiny_models["qwen3"], max_model_len=256) as llm:
+    with LLM(tiny_models["qwen3"], device="cpu", max_model_len=256) as llm:
         params = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, max_tokens=16, ignore_eos=True, seed=7)
         alone = llm.generate([prompts[4]], params, use_tqdm=False)[0].token_ids
         others = SamplingParams(temperature=0.7, max_tokens=20, ignore_eos=True)
@@ -95,7 +95,7 @@ def test_sampling_is_seeded_per_request(tiny_models, prompts):
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy(tiny_models, prompts, hf_reference):
-    with LLM(tiny_models["llama"], max_model_len=256) as llm:
+    with LLM(tiny_models["llama"], device="cpu", max_model_len=256) as llm:
         greedy = [e[:8] for e in hf_reference("llama")[:4]]
         for params in (SamplingParams(temperature=1.5, top_k=1, max_tokens=8, ignore_eos=True),
                        SamplingParams(temperature=1.5, top_p=1e-6, max_tokens=8, ignore_eos=True)):

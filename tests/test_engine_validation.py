@@ -16,7 +16,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm(tiny_models):
-    with LLM(tiny_models["qwen3"], max_model_len=128, num_kvcache_blocks=6) as llm:
+    with LLM(tiny_models["qwen3"], device="cpu", max_model_len=128, num_kvcache_blocks=6) as llm:
         yield llm
 
 
@@ -86,12 +86,12 @@ def test_unknown_keywords():
 
 def test_unknown_llm_keyword(tiny_models):
     with pytest.raises(TypeError, match="max_num_seq"):
-        LLM(tiny_models["qwen3"], max_num_seq=4)
+        LLM(tiny_models["qwen3"], device="cpu", max_num_seq=4)
 
 
 def test_max_model_len_beyond_model(tiny_models):
     with pytest.raises(ValueError, match="max_model_len=4096 exceeds the model's max_position_embeddings=2048"):
-        LLM(tiny_models["qwen3"], max_model_len=4096)
+        LLM(tiny_models["qwen3"], device="cpu", max_model_len=4096)
 
 
 def test_missing_folder(tmp_path):
@@ -108,7 +108,7 @@ def _copy_without_weights(tiny_models, tmp_path):
 def test_no_safetensors(tiny_models, tmp_path):
     folder = _copy_without_weights(tiny_models, tmp_path)
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
-        LLM(str(folder))
+        LLM(str(folder), device="cpu")
 
 
 def test_unsupported_architecture(tiny_models, tmp_path):
@@ -118,7 +118,7 @@ def test_unsupported_architecture(tiny_models, tmp_path):
     config["architectures"] = ["MistralForCausalLM"]
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="unsupported architecture 'MistralForCausalLM'"):
-        LLM(str(folder))
+        LLM(str(folder), device="cpu")
 
 
 @pytest.mark.parametrize("tensor", ["model.layers.1.self_attn.k_proj.weight", "model.layers.0.mlp.up_proj.weight",
@@ -130,7 +130,7 @@ def test_wrong_weight_shape(tiny_models, tmp_path, tensor):
     weights[tensor] = torch.cat([weights[tensor], weights[tensor][:1]])
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError) as info:
-        LLM(str(folder))
+        LLM(str(folder), device="cpu")
     assert "model.safetensors" in str(info.value) and tensor in str(info.value)
 
 
@@ -141,7 +141,7 @@ def test_missing_weight(tiny_models, tmp_path):
     del weights["model.layers.0.self_attn.v_proj.weight"]
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"lacks weights for \['model.layers.0.self_attn.qkv_proj.weight\[v\]'\]"):
-        LLM(str(folder))
+        LLM(str(folder), device="cpu")
 
 
 def test_sharded_checkpoint(tiny_models, tmp_path, prompts, hf_reference):
@@ -151,7 +151,7 @@ def test_sharded_checkpoint(tiny_models, tmp_path, prompts, hf_reference):
     shutil.copy(os.path.join(tiny_models["llama"], "tokenizer.json"), folder)
     shutil.copy(os.path.join(tiny_models["llama"], "tokenizer_config.json"), folder)
     assert len(list(folder.glob("*.safetensors"))) > 1
-    with LLM(str(folder), max_model_len=256) as llm:
+    with LLM(str(folder), device="cpu", max_model_len=256) as llm:
         outputs = llm.generate(prompts[:4], SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
                                use_tqdm=False)
     assert [o.token_ids for o in outputs] == hf_reference("llama")[:4]

@@ -35,7 +35,7 @@ def test_greedy_chat_matches_transformers(smollm2):
         ids = tokenizer(chat, return_tensors="pt").input_ids
         out = model.generate(ids, max_new_tokens=48, do_sample=False)
         expected.append(out[0, ids.shape[1]:].tolist())
-    with LLM(smollm2, max_model_len=512, max_num_seqs=4) as llm:
+    with LLM(smollm2, device="cpu", max_model_len=512, max_num_seqs=4) as llm:
         outputs = llm.generate(chats, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
     assert [o.token_ids for o in outputs] == expected
     assert outputs[0].text == "The capital of France is Paris."
