@@ -283,4 +283,3 @@ class ModelRunner:
         del self.kv_cache, self.model, self.workspace
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.empty_cache()
