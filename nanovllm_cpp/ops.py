@@ -77,10 +77,13 @@ def paged_attention_workspace_size(max_num_seqs: int, num_q_heads: int, head_dim
     """float32 elements of scratch the decode kernel needs for any batch up to these bounds.
 
     Split-K keeps, per (sequence, query head, partition), a partial output row plus its running max and sum.
+    Partitions hold at least 256 tokens and one launch splits into at most 4096 (sequence, partition) pairs,
+    so the size is min(max_num_seqs * ceil(max_context_len / 256), 4096) * num_q_heads * (head_dim + 2)
+    (34 MB for 512 seqs x 16 heads x head_dim 128 at any context). Mirrors csrc/kernels/paged_attention.h.
     """
-    partition = 512
-    partitions = -(-max_context_len // partition)
-    return max_num_seqs * num_q_heads * partitions * (head_dim + 2)
+    min_partition_tokens, max_split_rows = 256, 4096
+    rows = min(max_num_seqs * -(-max_context_len // min_partition_tokens), max_split_rows)
+    return rows * num_q_heads * (head_dim + 2)
 
 
 def paged_attention_workspace(max_num_seqs: int, num_q_heads: int, head_dim: int, max_context_len: int,

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, fields
 from numbers import Integral
 
+import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
@@ -155,9 +156,14 @@ class LLMEngine:
                              self.tokenizer.decode(ids, skip_special_tokens=True), seq.finish_reason)
 
     def close(self) -> None:
-        if getattr(self, "model_runner", None) is not None:
-            self.model_runner.close()
-            self.model_runner = None
+        """Frees the model, the KV cache and the CUDA graphs; the engine is unusable afterwards."""
+        if getattr(self, "model_runner", None) is None:
+            return
+        self.scheduler.abort_all()
+        self.model_runner.close()
+        self.model_runner = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def __enter__(self):
         return self

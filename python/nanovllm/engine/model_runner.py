@@ -189,13 +189,16 @@ class ModelRunner:
     # ---------------------------------------------------------------- steps
     @torch.inference_mode()
     def run(self, batch: Batch) -> list[int]:
+        """Runs the step; returns one sampled token per sequence of batch.sampling_seqs."""
+        logits = self.logits(batch)
+        return self._sample(logits, batch.sampling_seqs).tolist() if batch.sampling_seqs else []
+
+    @torch.inference_mode()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """float32 [len(batch.sampling_seqs), vocab]: next-token logits (the KV of the step is stored)."""
         hidden = self._run_prefill(batch) if batch.is_prefill else self._run_decode(batch)
         reset_context()
-        seqs = batch.sampling_seqs
-        if not seqs:
-            return []
-        logits = self.model.compute_logits(hidden)
-        return self._sample(logits, seqs).tolist()
+        return self.model.compute_logits(hidden)
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         return host.to(self.device, non_blocking=True)
@@ -280,4 +283,3 @@ class ModelRunner:
         del self.kv_cache, self.model, self.workspace
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.empty_cache()
