@@ -1,0 +1,137 @@
+"""Continuous batching over the C++ block allocator.
+
+A step is either a prefill (new prompts, or chunks of long ones) or a decode of every running sequence.
+Prefill goes first. A sequence admitted but not fully prefilled stays at the head of the waiting queue, so
+at most one prompt is ever part-way through its prefill.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from nanovllm_cpp import BlockAllocator
+
+from nanovllm.config import Config
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class PrefillChunk:
+    seq: Sequence
+    start: int  # first position computed in this step (earlier ones are cached or computed before)
+    end: int    # one past the last; the chunk samples a token when end == len(seq)
+
+    @property
+    def samples(self) -> bool:
+        return self.end == len(self.seq)
+
+
+@dataclass
+class Batch:
+    is_prefill: bool
+    chunks: list[PrefillChunk]  # prefill steps
+    seqs: list[Sequence]        # decode steps: every running sequence
+
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        return [c.seq for c in self.chunks if c.samples] if self.is_prefill else self.seqs
+
+
+class Scheduler:
+    def __init__(self, config: Config, num_blocks: int, eos_token_ids: set[int]):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.eos_token_ids = eos_token_ids
+        self.allocator = BlockAllocator(num_blocks, config.kvcache_block_size, config.enable_prefix_caching)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def schedule(self) -> Batch:
+        chunks = self._schedule_prefill()
+        if chunks:
+            return Batch(True, chunks, [])
+        if not self.running:
+            raise RuntimeError("scheduler stalled: no running sequence and the next prompt does not fit the KV cache")
+        return Batch(False, [], self._schedule_decode())
+
+    def _schedule_prefill(self) -> list[PrefillChunk]:
+        chunks: list[PrefillChunk] = []
+        budget = self.max_num_batched_tokens
+        alloc = self.allocator
+        for seq in list(self.waiting):
+            if budget == 0:
+                break
+            if not seq.admitted:
+                if len(self.running) + len(chunks) >= self.max_num_seqs or not alloc.can_allocate(seq.token_ids):
+                    break
+                seq.num_computed_tokens = alloc.allocate(seq.seq_id, seq.token_ids)
+                seq.admitted = True
+            start = seq.num_computed_tokens
+            end = min(len(seq), start + budget)
+            # Commit now, not after the forward: a later prompt of this same step with the same prefix then
+            # reuses these blocks (the forward stores every new K/V before any attention reads the cache).
+            alloc.commit(seq.seq_id, end)
+            seq.num_computed_tokens = end
+            budget -= end - start
+            chunks.append(PrefillChunk(seq, start, end))
+        for chunk in chunks:
+            if chunk.samples:
+                self.waiting.remove(chunk.seq)
+                chunk.seq.status = SequenceStatus.RUNNING
+                self.running.append(chunk.seq)
+        return chunks
+
+    def _schedule_decode(self) -> list[Sequence]:
+        # The token sampled last step enters the allocator now: this step computes its KV.
+        while not self.allocator.can_append_all([s.seq_id for s in self.running]):
+            self._preempt(self.running.pop())
+        ids = [s.seq_id for s in self.running]
+        self.allocator.append_all(ids, [s.last_token for s in self.running])
+        for seq in self.running:
+            seq.num_computed_tokens = len(seq)
+        return list(self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Drop the sequence's blocks; it is recomputed later (prompt + generated tokens, prefix cache helps)."""
+        self.allocator.free(seq.seq_id)
+        seq.admitted = False
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        # Behind a part-prefilled prompt: that one holds blocks and must finish first.
+        at = 1 if self.waiting and self.waiting[0].admitted else 0
+        self.waiting.insert(at, seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, batch: Batch, token_ids: list[int]) -> list[Sequence]:
+        """Append each sampled token; returns the sequences that finished (their blocks are freed)."""
+        finished = []
+        for seq, token in zip(batch.sampling_seqs, token_ids):
+            seq.token_ids.append(token)
+            params = seq.params
+            if not params.ignore_eos and token in self.eos_token_ids:
+                seq.finish_reason = "eos"
+            elif token in params.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif seq.num_completion_tokens >= params.max_tokens:
+                seq.finish_reason = "length"
+            else:
+                continue
+            seq.status = SequenceStatus.FINISHED
+            self.allocator.free(seq.seq_id)
+            self.running.remove(seq)
+            finished.append(seq)
+        return finished
+
+    def abort_all(self) -> None:
+        """Drop every request (generate() was interrupted): the engine is left empty and usable."""
+        for seq in [*self.running, *self.waiting]:
+            if self.allocator.has_sequence(seq.seq_id):
+                self.allocator.free(seq.seq_id)
+        self.running.clear()
+        self.waiting.clear()

@@ -1,0 +1,78 @@
+"""Attention over the paged KV cache: prefill (ragged causal attention of new tokens over cached prefix + new
+tokens) and decode (one token per sequence, nanovllm_cpp.paged_attention_decode)."""
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nanovllm_cpp
+from nanovllm.utils.context import Context, get_context
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.10: the CPU path still works
+    varlen_attn = None
+
+# The varlen_attn keywords changed across torch versions: 2.10 takes is_causal=, later ones a
+# window_size=(left, right) where (-1, 0) is causal, and enable_gqa= for fewer kv heads than q heads.
+_VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn else set()
+_VARLEN_CAUSAL = {"window_size": (-1, 0)} if "window_size" in _VARLEN_PARAMS else {"is_causal": True}
+_VARLEN_GQA = "enable_gqa" in _VARLEN_PARAMS
+
+
+def varlen_causal_attention(q, k, v, ctx: Context, scale: float) -> torch.Tensor:
+    """GPU: flash attention over the ragged batch; a query chunk shorter than its keys is aligned to the
+    end of the keys (query i of a chunk after a prefix of p tokens sees keys 0..p+i)."""
+    kwargs = dict(_VARLEN_CAUSAL, scale=scale)
+    if _VARLEN_GQA:
+        kwargs["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), ctx.cu_seqlens_q, ctx.cu_seqlens_k,
+                       ctx.max_seqlen_q, ctx.max_seqlen_k, **kwargs)
+
+
+def sdpa_causal_attention(q, k, v, ctx: Context, scale: float) -> torch.Tensor:
+    """CPU: one SDPA per sequence with an explicit bottom-right causal mask."""
+    out = torch.empty_like(q)
+    q_start = k_start = 0
+    for len_q, len_k in zip(ctx.seqlens_q, ctx.seqlens_k):
+        qs = q[q_start: q_start + len_q].transpose(0, 1)
+        ks = k[k_start: k_start + len_k].transpose(0, 1)
+        vs = v[k_start: k_start + len_k].transpose(0, 1)
+        rows = torch.arange(len_q, device=q.device).unsqueeze(1) + (len_k - len_q)
+        mask = torch.arange(len_k, device=q.device).unsqueeze(0) <= rows
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[q_start: q_start + len_q] = o.transpose(0, 1)
+        q_start += len_q
+        k_start += len_k
+    return out
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        # Bound by the model runner once the KV cache is allocated.
+        self.k_cache = self.v_cache = torch.empty(0)
+        self.workspace = torch.empty(0)
+        self.max_context_len = 0
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim] of the new tokens."""
+        ctx = get_context()
+        if self.k_cache.numel():
+            nanovllm_cpp.store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if ctx.is_prefill:
+            if ctx.prefix_slots is not None:  # some sequence has cached tokens: take everyone's keys from the cache
+                k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.prefix_slots]
+                v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.prefix_slots]
+            attend = varlen_causal_attention if q.is_cuda else sdpa_causal_attention
+            return attend(q, k, v, ctx, self.scale)
+        out = torch.empty_like(q)
+        nanovllm_cpp.paged_attention_decode(out, q.contiguous(), self.k_cache, self.v_cache, ctx.block_tables,
+                                            ctx.context_lens, self.scale, self.max_context_len, self.workspace)
+        return out

@@ -1,0 +1,120 @@
+"""Linear layers that split across tensor-parallel ranks; each parameter's weight_loader takes the full
+checkpoint tensor and copies this rank's shard (checking shapes)."""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from nanovllm.layers.parallel import check_shape, tp_rank_and_size
+
+
+def _divide(n: int, d: int, what: str) -> int:
+    if n % d:
+        raise ValueError(f"{what}={n} is not divisible by tensor_parallel_size={d}")
+    return n // d
+
+
+class LinearBase(nn.Module):
+    """tp_dim: the weight dim split across ranks (0 = output features, 1 = input features, None = replicated)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None,
+                 tp_rank: int | None = None, tp_size: int | None = None):
+        super().__init__()
+        self.tp_rank, self.tp_size = tp_rank_and_size(tp_rank, tp_size)
+        self.tp_dim = tp_dim
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+
+    def _shard(self, param: nn.Parameter, loaded: torch.Tensor) -> torch.Tensor:
+        dim = self.tp_dim if param.dim() > 1 or self.tp_dim == 0 else None
+        if dim is None or self.tp_size == 1:
+            return loaded
+        size = param.shape[dim]
+        return loaded.narrow(dim, self.tp_rank * size, size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        full = list(param.shape)
+        if self.tp_dim is not None and (param.dim() > 1 or self.tp_dim == 0):
+            full[self.tp_dim] *= self.tp_size
+        check_shape(torch.empty(full, device="meta"), loaded)
+        param.data.copy_(self._shard(param, loaded))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, **tp):
+        super().__init__(input_size, output_size, bias, None, **tp)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks; no communication."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, **tp):
+        rank_size = tp_rank_and_size(tp.get("tp_rank"), tp.get("tp_size"))[1]
+        super().__init__(input_size, _divide(output_size, rank_size, "output features"), bias, 0, **tp)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input in one matmul (gate_up); shard_id = index."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, **tp):
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias, **tp)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+        size = self.output_sizes[shard_id] // self.tp_size
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        self._load_slice(param, loaded, offset, size, self.output_sizes[shard_id])
+
+    def _load_slice(self, param, loaded, offset: int, size: int, full_size: int) -> None:
+        expected = (full_size, *param.shape[1:])
+        check_shape(torch.empty(expected, device="meta"), loaded)
+        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
+
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """q, k and v projections fused; heads split across ranks (kv heads replicated when fewer than ranks)."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+                 **tp):
+        tp_size = tp_rank_and_size(tp.get("tp_rank"), tp.get("tp_size"))[1]
+        self.head_dim = head_dim
+        self.num_heads = _divide(num_heads, tp_size, "num_attention_heads")
+        self.num_kv_heads = max(1, num_kv_heads // tp_size)
+        self.kv_replicas = max(1, tp_size // num_kv_heads)
+        sizes = [self.num_heads * head_dim * tp_size, self.num_kv_heads * head_dim * tp_size,
+                 self.num_kv_heads * head_dim * tp_size]
+        super().__init__(hidden_size, sizes, bias, **tp)
+        self.full_kv = num_kv_heads * head_dim
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            self._load_slice(param, loaded, 0, q, q * self.tp_size)
+            return
+        offset = q if shard_id == "k" else q + kv
+        check_shape(torch.empty((self.full_kv, *param.shape[1:]), device="meta"), loaded)
+        start = (self.tp_rank // self.kv_replicas) * kv
+        param.data.narrow(0, offset, kv).copy_(loaded.narrow(0, start, kv))
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks; partial outputs summed with an all-reduce (bias added once)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, **tp):
+        rank_size = tp_rank_and_size(tp.get("tp_rank"), tp.get("tp_size"))[1]
+        super().__init__(_divide(input_size, rank_size, "input features"), output_size, bias, 1, **tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        if self.tp_size > 1:
+            dist.all_reduce(y)
+        return y

@@ -1,0 +1,16 @@
+"""Tensor-parallel rank and size: from torch.distributed when it is initialized, else a single rank."""
+
+import torch.distributed as dist
+
+
+def tp_rank_and_size(tp_rank: int | None, tp_size: int | None) -> tuple[int, int]:
+    if tp_rank is not None and tp_size is not None:
+        return tp_rank, tp_size
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def check_shape(param, loaded, what: str = "") -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"expected shape {tuple(param.shape)}{what}, checkpoint has {tuple(loaded.shape)}")

@@ -1,0 +1,57 @@
+"""Load a Hugging Face safetensors checkpoint (one file or sharded) into the engine's fused layers."""
+
+import glob
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"expected shape {tuple(param.shape)}, checkpoint has {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+def _ignored(name: str, model: nn.Module) -> bool:
+    # Rotary frequencies are recomputed; a tied model may still ship a copy of the embedding as lm_head.
+    return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and model.tie_word_embeddings)
+
+
+def load_model(model: nn.Module, path: str) -> None:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"model folder {path!r} has no *.safetensors weights")
+    params = dict(model.named_parameters())
+    mapping = getattr(model, "packed_modules_mapping", {})
+    loaded_params = set()
+    for file in files:
+        with safe_open(file, "pt", "cpu") as f:
+            for name in f.keys():
+                if _ignored(name, model):
+                    continue
+                target, shard = name, None
+                for ckpt_part, (fused_part, shard_id) in mapping.items():
+                    if f".{ckpt_part}." in name:
+                        target, shard = name.replace(ckpt_part, fused_part), shard_id
+                        break
+                param = params.get(target)
+                if param is None:
+                    raise ValueError(f"{file}: tensor {name!r} matches no parameter of {type(model).__name__}")
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                try:
+                    if shard is None:
+                        loader(param, f.get_tensor(name))
+                    else:
+                        loader(param, f.get_tensor(name), shard)
+                except ValueError as e:
+                    raise ValueError(f"{file}: tensor {name!r}: {e}") from None
+                loaded_params.add((target, shard))
+    expected = set()
+    for pname in params:
+        shards = [sid for fused, sid in mapping.values() if f".{fused}." in pname]
+        expected.update((pname, sid) for sid in shards or [None])
+    missing = sorted(f"{n}[{s}]" if s is not None else n for n, s in expected - loaded_params)
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
