@@ -11,8 +11,7 @@ using nanovllm::BlockAllocator;
 
 namespace {
 
-using Int32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
-
+// Output arrays are bound with noconvert(): a converted temporary would swallow the writes.
 // Writes each sequence's block table into a row of `out` (int32 [n, width]), padding with `pad`.
 void fill_block_tables(const BlockAllocator& a, const std::vector<int64_t>& seq_ids, py::array_t<int32_t> out, int32_t pad) {
   auto view = out.mutable_unchecked<2>();
@@ -99,11 +98,11 @@ PYBIND11_MODULE(_C, m) {
       .def("is_cached", &BlockAllocator::is_cached, py::arg("block_id"))
       .def("block_hash", &BlockAllocator::block_hash, py::arg("block_id"))
       .def("free_list", &BlockAllocator::free_list)
-      .def("fill_block_tables", &fill_block_tables, py::arg("seq_ids"), py::arg("out"), py::arg("pad") = -1)
-      .def("fill_slots", &fill_slots, py::arg("seq_id"), py::arg("start"), py::arg("end"), py::arg("out"),
+      .def("fill_block_tables", &fill_block_tables, py::arg("seq_ids"), py::arg("out").noconvert(), py::arg("pad") = -1)
+      .def("fill_slots", &fill_slots, py::arg("seq_id"), py::arg("start"), py::arg("end"), py::arg("out").noconvert(),
            py::arg("offset") = 0)
-      .def("fill_decode_inputs", &fill_decode_inputs, py::arg("seq_ids"), py::arg("positions"), py::arg("slots"),
-           py::arg("context_lens"))
+      .def("fill_decode_inputs", &fill_decode_inputs, py::arg("seq_ids"), py::arg("positions").noconvert(),
+           py::arg("slots").noconvert(), py::arg("context_lens").noconvert())
       .def_property_readonly("num_sequences", &BlockAllocator::num_sequences)
       .def_property_readonly("num_blocks", &BlockAllocator::num_blocks)
       .def_property_readonly("block_size", &BlockAllocator::block_size)

@@ -542,8 +542,9 @@ def test_collision_parent_chain_check_refuses_foreign_child():
     assert a.allocate(2, A2 + B + tail) == bs
     t2 = a.block_table(2)
     assert t2[0] == t1[0] and t2[1] != t0[1]
-    # A's own chain: A lost the map entry to A2, so the token check refuses A2's block for A.
-    assert a.allocate(3, A + B + tail) == 0
+    # A's own chain is still findable beside A2 (same hash key): the token check picks A, and then B is A's child.
+    assert a.allocate(3, A + B + tail) == 2 * bs
+    assert a.block_table(3)[:2] == t0[:2]
 
 
 # ---------------------------------------------------------------- property test
