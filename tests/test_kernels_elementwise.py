@@ -216,7 +216,8 @@ def test_rotary_embedding(layout, tokens, head_dim, dtype):
     positions = torch.randint(0, max_position, (tokens,), device="cuda")
     qkv, query, key, value = qkv_views(tokens, head_dim, dtype, layout)
     value_before = value.clone()
-    query_ref, key_ref = query.float(), key.float()  # upcast copies: the reference's result stays unrounded
+    # fp32 copies (copy=True: .float() of an fp32 tensor is the tensor itself), so the reference stays unrounded
+    query_ref, key_ref = query.to(torch.float32, copy=True), key.to(torch.float32, copy=True)
     reference.rotary_embedding(positions, query_ref, key_ref, cos_sin_cache)
     ops.rotary_embedding(positions, query, key, cos_sin_cache)
     check_close("rotary_embedding q", query, query_ref)
