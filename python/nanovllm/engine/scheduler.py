@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from nanovllm_cpp import BlockAllocator
 
 from nanovllm.config import Config
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import Sequence
 
 
 @dataclass
@@ -83,7 +83,6 @@ class Scheduler:
         for chunk in chunks:
             if chunk.samples:
                 self.waiting.remove(chunk.seq)
-                chunk.seq.status = SequenceStatus.RUNNING
                 self.running.append(chunk.seq)
         return chunks
 
@@ -102,7 +101,6 @@ class Scheduler:
         self.allocator.free(seq.seq_id)
         seq.admitted = False
         seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
         # Behind a part-prefilled prompt: that one holds blocks and must finish first.
         at = 1 if self.waiting and self.waiting[0].admitted else 0
         self.waiting.insert(at, seq)
@@ -122,7 +120,6 @@ class Scheduler:
                 seq.finish_reason = "length"
             else:
                 continue
-            seq.status = SequenceStatus.FINISHED
             self.allocator.free(seq.seq_id)
             self.running.remove(seq)
             finished.append(seq)
