@@ -90,6 +90,8 @@ class Scheduler:
         # The token sampled last step enters the allocator now: this step computes its KV.
         while not self.allocator.can_append_all([s.seq_id for s in self.running]):
             self._preempt(self.running.pop())
+            if not self.running:  # validation guarantees one request fits the cache alone
+                raise RuntimeError("KV cache too small for a single running sequence")
         ids = [s.seq_id for s in self.running]
         self.allocator.append_all(ids, [s.last_token for s in self.running])
         for seq in self.running:
