@@ -6,7 +6,29 @@
 - CUDA_ENABLED: False when the build skipped the CUDA kernels (CPU-only torch or no nvcc).
 """
 
+import importlib.machinery
+import os
+import sys
+
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
+
+
+def _find_compiled_core() -> None:
+    """Run from a source checkout (`python example.py` at the repo root), this folder shadows the installed
+    package and has no compiled _C: borrow the installed copy's."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if importlib.machinery.PathFinder.find_spec("_C", [here]) is not None:
+        return
+    for entry in sys.path:
+        candidate = os.path.join(os.path.abspath(entry or "."), "nanovllm_cpp")
+        if candidate != here and importlib.machinery.PathFinder.find_spec("_C", [candidate]) is not None:
+            __path__.append(candidate)
+            return
+    raise ImportError("nanovllm_cpp._C (the compiled core) is not built or installed: run "
+                      "`pip install --no-build-isolation .` in the repository")
+
+
+_find_compiled_core()
 
 from nanovllm_cpp._C import AllocatorStats, BlockAllocator, OutOfBlocksError
 from nanovllm_cpp.ops import (
