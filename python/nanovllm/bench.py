@@ -51,7 +51,7 @@ QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16
                   head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True,
                   max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6)
 # A model small enough for a CPU smoke test; its vocabulary still covers W0's token ids.
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
             intermediate_size=128, vocab_size=10240, tie_word_embeddings=True, max_position_embeddings=4096,
             rope_theta=1e6, rms_norm_eps=1e-6)
 W0_OUTPUT_TOKENS = 133_966
