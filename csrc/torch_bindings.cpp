@@ -26,4 +26,7 @@ TORCH_LIBRARY(nanovllm_cpp, m) {
   m.def(
       "paged_attention_decode(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor context_lens, float scale, int max_context_len, Tensor(b!) workspace) -> ()");
+  // out[r] = the token of row r of logits [rows, vocab] (last dim contiguous): argmax when temperatures[r] == 0,
+  // else a sample of softmax(logits[r] / T) drawn with keys[r] (int64 < 2**32) as its random stream.
+  m.def("sample_tokens(Tensor(a!) out, Tensor logits, Tensor temperatures, Tensor keys) -> ()");
 }

@@ -17,7 +17,8 @@ if not CUDA_ENABLED and torch.cuda.is_available():
                   "ops on CUDA tensors will raise. Reinstall with a CUDA build of torch: "
                   "pip install --no-build-isolation .", stacklevel=2)
 _ops = torch.ops.nanovllm_cpp
-_OP_NAMES = ("store_kvcache", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "paged_attention_decode")
+_OP_NAMES = ("store_kvcache", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "paged_attention_decode",
+             "sample_tokens")
 
 
 def _not_built(name):
@@ -100,3 +101,12 @@ def paged_attention_workspace(max_num_seqs: int, num_q_heads: int, head_dim: int
         return torch.empty(0, dtype=torch.float32, device=device)
     size = paged_attention_workspace_size(max_num_seqs, num_q_heads, head_dim, max_context_len)
     return torch.empty(size, dtype=torch.float32, device=device)
+
+
+def sample_tokens(out: torch.Tensor, logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor) -> None:
+    """One token per row of logits [rows, vocab] into out (int64 [rows]), in one pass over the logits.
+
+    temperatures: float32 [rows], 0 = greedy (argmax); keys: int64 [rows] (< 2**32), each row's random stream:
+    the same key and logits give the same token whatever else is in the batch. Ties go to the lowest id.
+    """
+    _ops.sample_tokens(out, logits, temperatures, keys)

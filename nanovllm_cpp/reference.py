@@ -89,3 +89,29 @@ def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torc
     scores.masked_fill_(beyond[:, None, None, :], float("-inf"))
     attn = torch.einsum("nhgt,nthd->nhgd", scores.softmax(-1), values)
     out[live] = attn.reshape(-1, num_heads, head_dim).to(out.dtype)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit xor-shift-multiply hash on int64 lanes holding values < 2**32."""
+    mask = 0xFFFFFFFF
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & mask
+    x = ((x ^ (x >> 16)) * 0x45D9F3B) & mask
+    return x ^ (x >> 16)
+
+
+def sampling_uniforms(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """float32 [rows, vocab] strictly inside (0, 1): a pure function of each row's key (< 2**32) and the
+    vocabulary id, so a request's draws do not depend on the rest of the batch. 23 bits + 0.5 is exact in fp32."""
+    vocab = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    bits = _mix32(_mix32(keys & 0xFFFFFFFF).unsqueeze(1) ^ ((vocab * 0x9E3779B1) & 0xFFFFFFFF))
+    return ((bits >> 9).float() + 0.5) * (1.0 / 8388608.0)
+
+
+def sample_tokens(out: torch.Tensor, logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor) -> None:
+    """Greedy rows (temperature 0) take argmax(logits); the others the Gumbel-max sample
+    argmax(logits / T - log(-log(u))), u = sampling_uniforms(keys). NaN never wins; ties go to the lowest id."""
+    x = logits.float().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    greedy = temperatures == 0
+    scores = x / torch.where(greedy, 1.0, temperatures).unsqueeze(1) - torch.log(
+        -torch.log(sampling_uniforms(keys, logits.shape[1])))
+    out.copy_(torch.where(greedy, x.argmax(-1), scores.argmax(-1)))
