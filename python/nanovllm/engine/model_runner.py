@@ -77,6 +77,10 @@ class ModelRunner:
         self.h_slots = self._host(n, dtype=torch.int64)
         self.h_context_lens = self._host(n, dtype=torch.int32)
         self.h_block_tables = self._host(n, self.max_blocks, dtype=torch.int32)
+        self.h_temperatures = self._host(n, dtype=torch.float32)
+        self.h_keys = self._host(n, dtype=torch.int64)
+        self.h_top_ks = self._host(n, dtype=torch.int64)
+        self.h_top_ps = self._host(n, dtype=torch.float32)
         # Device side: fixed addresses, so the captured CUDA graphs read them.
         self.d_input_ids = torch.zeros(n, dtype=torch.int64, device=self.device)
         self.d_positions = torch.zeros(n, dtype=torch.int64, device=self.device)
@@ -270,13 +274,19 @@ class ModelRunner:
         all_greedy = all(p.temperature == 0 for p in params)
         if all_greedy:
             return self.sampler(logits, None, None, None, None, all_greedy=True, filtered=False)
+        n = len(seqs)
         filtered = any(p.top_k != -1 or p.top_p < 1 for p in params)
-        temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-        top_ks = torch.tensor([p.top_k if p.top_k != -1 else self.vocab_size for p in params], dtype=torch.int64)
-        top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32)
-        keys = torch.tensor([_mix_seed(s.seed, len(s)) for s in seqs], dtype=torch.int64)
-        return self.sampler(logits, self._to_device(temperatures), self._to_device(top_ks), self._to_device(top_ps),
-                            self._to_device(keys), all_greedy=False, filtered=filtered)
+        # Pinned buffers filled through numpy: no tensor construction per step. Reusing them is safe because
+        # run() waits for the step's tokens before the next step refills them.
+        self.h_temperatures.numpy()[:n] = [p.temperature for p in params]
+        self.h_keys.numpy()[:n] = [_mix_seed(s.seed, len(s)) for s in seqs]
+        top_ks = top_ps = None
+        if filtered:
+            self.h_top_ks.numpy()[:n] = [p.top_k if p.top_k != -1 else self.vocab_size for p in params]
+            self.h_top_ps.numpy()[:n] = [p.top_p for p in params]
+            top_ks, top_ps = self._to_device(self.h_top_ks[:n]), self._to_device(self.h_top_ps[:n])
+        return self.sampler(logits, self._to_device(self.h_temperatures[:n]), top_ks, top_ps,
+                            self._to_device(self.h_keys[:n]), all_greedy=False, filtered=filtered)
 
     def close(self) -> None:
         self.graphs.clear()
