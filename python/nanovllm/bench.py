@@ -266,6 +266,56 @@ def timed_generate(llm: LLM, prompts, params, device: torch.device) -> tuple[int
     return tokens, seconds
 
 
+def host_overhead(llm: LLM, batch_size: int, steps: int = 20) -> dict:
+    """Milliseconds per decode step at batch_size: host time (scheduling, input preparation and launches,
+    postprocessing) measured with perf_counter around each phase of real steps, against GPU time: the same
+    step's GPU work (captured graph, LM head, sampler) replayed back to back and timed with CUDA events."""
+    runner, scheduler = llm.model_runner, llm.scheduler
+    prompts = [[(7 * i + j) % 10000 for j in range(128)] for i in range(batch_size)]
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=steps + 16)
+    for seq in llm._prepare(prompts, params):
+        scheduler.add(seq)
+    while True:  # prefill every prompt
+        batch = scheduler.schedule()
+        if not batch.is_prefill:
+            break
+        scheduler.postprocess(batch, runner.run(batch))
+    sched = prep = post = 0.0
+    for _ in range(steps):
+        start = time.perf_counter()
+        batch = scheduler.schedule()
+        scheduled = time.perf_counter()
+        tokens = runner._sample(runner.logits(batch), batch.sampling_seqs)
+        launched = time.perf_counter()
+        token_ids = tokens.tolist()
+        synced = time.perf_counter()
+        scheduler.postprocess(batch, token_ids)
+        done = time.perf_counter()
+        sched, prep, post = sched + scheduled - start, prep + launched - scheduled, post + done - synced
+    assert not batch.is_prefill and len(batch.seqs) == batch_size, "the measured steps must be full decode steps"
+
+    def gpu_work():
+        hidden = runner._run_decode(batch)  # refills the same inputs: rewrites the same KV slots
+        runner._sample(runner.model.compute_logits(hidden), batch.sampling_seqs)
+
+    gpu_ms = 0.0
+    if torch.cuda.is_available():
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        gpu_work()
+        events[0].record()
+        for _ in range(steps):
+            gpu_work()
+        events[1].record()
+        events[1].synchronize()
+        gpu_ms = events[0].elapsed_time(events[1]) / steps
+    scheduler.abort_all()
+    host_ms = {"schedule_ms": 1e3 * sched / steps, "prepare_and_launch_ms": 1e3 * prep / steps,
+               "postprocess_ms": 1e3 * post / steps}
+    host = sum(host_ms.values())
+    return {"batch_size": batch_size, **host_ms, "host_ms": host, "gpu_ms": gpu_ms,
+            "host_over_gpu": host / gpu_ms if gpu_ms else None}
+
+
 def peer_generate(path: str, prompts: list[list[int]], max_new_tokens: int, warmup_prompts: int,
                   attn: str = "sdpa", device: str = "cuda") -> dict:
     """transformers' continuous batching, greedy with EOS disabled; runs in a child process."""
@@ -404,6 +454,7 @@ def run(args) -> dict:
         floors[name] = floor(prompts, params)
         floors[name]["preemptions"] = llm.num_preemptions - preempted
         rows.append(Row(name, tokens, seconds, floors[name]["seconds"]))
+    overhead = [host_overhead(llm, bs) for bs in (1, min(256, args.max_num_seqs))] if args.host_overhead else None
     llm.close()
 
     if peer is not None and "tok_per_s" in peer:
@@ -411,6 +462,10 @@ def run(args) -> dict:
         if ours is not None:
             peer["ours_over_peer"] = ours.tok_per_s / peer["tok_per_s"]
     print_table(rows, peer, rates)
+    for o in overhead or []:
+        print(f"host overhead at batch {o['batch_size']}: schedule {o['schedule_ms']:.3f} ms + prepare/launch "
+              f"{o['prepare_and_launch_ms']:.3f} ms + postprocess {o['postprocess_ms']:.3f} ms = {o['host_ms']:.3f} ms "
+              f"host vs {o['gpu_ms']:.3f} ms GPU per decode step")
     hf = config.hf_config
     model = {k: getattr(hf, k, None) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
@@ -421,7 +476,8 @@ def run(args) -> dict:
               "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                          "max_model_len": args.max_model_len, "enforce_eager": args.enforce_eager,
                          "num_prompts": args.num_prompts, "output_cap": args.output_cap},
-              "runs": {r.name: {**asdict(r), "floor": floors[r.name]} for r in rows}, "peer": peer}
+              "runs": {r.name: {**asdict(r), "floor": floors[r.name]} for r in rows}, "peer": peer,
+              "host_overhead": overhead}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -444,6 +500,8 @@ def parse_args(argv=None):
     p.add_argument("--peer", action="store_true", help="also run transformers' continuous batching on W1 (GPU)")
     p.add_argument("--peer-attn", default="sdpa",
                    help="attn_implementation for the peer's model (continuous batching pages it itself)")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="also time host work (schedule, input prep, postprocess) against GPU work per decode step")
     p.add_argument("--json", help="write every number to this JSON file")
     p.add_argument("--chart", help="write a bar chart (PNG) if matplotlib is installed")
     args = p.parse_args(argv)
