@@ -229,9 +229,7 @@ class ModelRunner:
         inputs = self._prefill_inputs(batch) if batch.is_prefill else self._decode_inputs(batch)
         if self.tp is None:
             return self.execute(inputs)
-        with self.tp.watch():  # a worker's failure surfaces here as a RuntimeError naming its rank
-            self.tp.send_step(inputs, self)
-            return self.execute(inputs)
+        return self.tp.run_step(inputs, self)
 
     def execute(self, inputs: PrefillInputs | DecodeInputs) -> torch.Tensor:
         """The device part of a step, run by every tensor-parallel rank in the same order."""

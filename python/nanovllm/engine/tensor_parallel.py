@@ -64,6 +64,7 @@ class TensorParallelDriver(_Rank):
             os.environ.setdefault(key, value)
         size = config.tensor_parallel_size
         device = _rank_device(config, 0)
+        super().__init__(None, device)  # the group forms once the workers are up
         if device.type == "cuda":
             torch.cuda.set_device(device)
         timeout = datetime.timedelta(seconds=STARTUP_TIMEOUT_S)
@@ -84,7 +85,7 @@ class TensorParallelDriver(_Rank):
         self._store = store
         with self.watch():
             self._wait_for_workers(store)
-            super().__init__(_process_group(store, 0, size, device), device)
+            self.group = _process_group(store, 0, size, device)
 
     @property
     def worker_pids(self) -> list[int]:
@@ -124,6 +125,8 @@ class TensorParallelDriver(_Rank):
         try:
             yield
         except BaseException as error:
+            if self.group is not None and self.device.type == "cuda":
+                self.group.abort()  # NCCL: frees this rank's kernels stuck waiting for a peer
             deadline = time.monotonic() + FAILURE_REPORT_WAIT_S
             while True:
                 try:
@@ -138,7 +141,24 @@ class TensorParallelDriver(_Rank):
             self.close()
             raise
 
-    def send_step(self, inputs, runner: ModelRunner) -> None:
+    def run_step(self, inputs, runner: ModelRunner) -> torch.Tensor:
+        """Sends the step to the workers, runs rank 0's share; returns the full logits, computed."""
+        with self.watch():
+            self._send_step(inputs, runner)
+            logits = runner.execute(inputs)
+            if logits.is_cuda:
+                self._wait_for_gpu()
+            return logits
+
+    def _wait_for_gpu(self) -> None:
+        """NCCL kernels waiting for a dead peer spin forever: wait for the step on the host, watching the workers
+        (gloo, on the CPU, fails at once when a peer's socket closes)."""
+        done = torch.cuda.Event()
+        done.record()
+        while not done.query():
+            self.check_workers()
+
+    def _send_step(self, inputs, runner: ModelRunner) -> None:
         self.check_workers()
         arrays = None
         if isinstance(inputs, DecodeInputs):  # the driver's host buffers hold this step's rows

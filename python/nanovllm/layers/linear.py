@@ -41,7 +41,7 @@ class LinearBase(nn.Module):
         if split:
             size = param.shape[self.tp_dim]
             loaded = loaded.narrow(self.tp_dim, self.tp_rank * size, size)
-        param.data.copy_(loaded)
+        param.data.copy_(loaded[:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
