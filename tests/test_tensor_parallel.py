@@ -2,12 +2,16 @@
 replicated when fewer than ranks, workers gone after close, two engines at once, a killed worker makes
 generate raise promptly, bad sizes rejected up front."""
 
+import gc
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from checkpoints import hf_greedy, qwen3_config, save_random_model
 from conftest import MAX_NEW_TOKENS
@@ -61,8 +65,6 @@ def one_kv_head_model(tmp_path_factory):
 
 
 def test_kv_head_replicated_when_fewer_than_ranks(one_kv_head_model, prompts):
-    from transformers import AutoModelForCausalLM
-    import torch
     reference = AutoModelForCausalLM.from_pretrained(one_kv_head_model, dtype=torch.float32).eval()
     expected = hf_greedy(reference, prompts[:6], MAX_NEW_TOKENS)
     with LLM(one_kv_head_model, **ENGINE) as llm:
@@ -82,7 +84,6 @@ def test_two_engines_at_once_then_none_left(tiny_models, prompts, hf_reference):
 
 
 def test_garbage_collected_engine_stops_its_workers(tiny_models):
-    import gc
     llm = LLM(tiny_models["qwen3"], **ENGINE)
     pids = llm.worker_pids
     del llm
@@ -108,7 +109,6 @@ def test_killed_worker_makes_generate_raise(tiny_models, prompts):
 
 def test_worker_killed_mid_generation(tiny_models, prompts):
     """The kill lands while the ranks are inside a step's collectives."""
-    import threading
     llm = LLM(tiny_models["llama"], **ENGINE)
     pid = llm.worker_pids[0]
     killer = threading.Timer(0.3, os.kill, (pid, signal.SIGKILL))
@@ -133,3 +133,18 @@ def test_bad_sizes_rejected_before_any_work(size, message, tiny_models):
     with pytest.raises(ValueError, match=message):
         LLM(tiny_models["qwen3"], **dict(ENGINE, tensor_parallel_size=size))
     assert {p.pid for p in multiprocessing.active_children()} == before
+
+
+def test_more_ranks_than_gpus_rejected(tiny_models):
+    gpus = torch.cuda.device_count()
+    size = max(2, gpus + 1)
+    with pytest.raises(ValueError, match=rf"tensor_parallel_size={size} exceeds the {gpus} visible GPUs"):
+        LLM(tiny_models["qwen3"], **dict(ENGINE, device="cuda", tensor_parallel_size=size))
+
+
+def test_kv_heads_neither_divisible_nor_dividing_rejected(tmp_path):
+    config = qwen3_config(num_attention_heads=6, num_key_value_heads=3, head_dim=32)
+    config.architectures = ["Qwen3ForCausalLM"]
+    config.save_pretrained(tmp_path)  # the check comes before any weight or tokenizer is read
+    with pytest.raises(ValueError, match="num_key_value_heads=3 and tensor_parallel_size=2: one must divide the other"):
+        LLM(str(tmp_path), **ENGINE)

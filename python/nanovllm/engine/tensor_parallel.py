@@ -125,8 +125,7 @@ class TensorParallelDriver(_Rank):
         try:
             yield
         except BaseException as error:
-            if self.group is not None and self.device.type == "cuda":
-                self.group.abort()  # NCCL: frees this rank's kernels stuck waiting for a peer
+            self._abort_nccl()
             deadline = time.monotonic() + FAILURE_REPORT_WAIT_S
             while True:
                 try:
@@ -170,9 +169,16 @@ class TensorParallelDriver(_Rank):
         for conn in self.conns:
             conn.send_bytes(payload)
 
+    def _abort_nccl(self) -> None:
+        """Frees this rank's NCCL communicator at once (kernels stuck waiting for a dead peer included); a
+        communicator left to its destructor may wait on peers that are gone."""
+        if self.group is not None and self.device.type == "cuda":
+            self.group.abort()
+
     def close(self) -> None:
         if self.failure is None:
             self.failure = "the tensor-parallel engine is closed"
+        self._abort_nccl()
         self.group = None
         self._store = None
         self._finalizer()
@@ -226,6 +232,7 @@ def _worker_main(config: Config, rank: int, size: int, port: int, conn, parent_p
                         host.numpy()[:len(array)] = array
                     runner.h_block_tables.numpy()[:n, :width] = arrays[4]
                 runner.execute(inputs)
+        os._exit(0)  # the stop message: nothing to flush, and no process-group teardown to wait on
     except EOFError:  # the driver closed its end without a stop message: it is gone
         os._exit(0)
     except BaseException:
