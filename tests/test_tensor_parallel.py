@@ -6,6 +6,8 @@ import gc
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -88,6 +90,27 @@ def test_garbage_collected_engine_stops_its_workers(tiny_models):
     pids = llm.worker_pids
     del llm
     gc.collect()
+    deadline = time.monotonic() + 10
+    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(pid) for pid in pids)
+
+
+DRIVER_SCRIPT = """
+import os, signal, sys
+from nanovllm import LLM
+llm = LLM(sys.argv[1], device="cpu", max_model_len=256, tensor_parallel_size=2)
+print(*llm.worker_pids, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_exit_when_the_driver_is_killed(tiny_models):
+    driver = subprocess.run([sys.executable, "-c", DRIVER_SCRIPT, tiny_models["qwen3"]], capture_output=True,
+                            text=True, timeout=120)
+    assert driver.returncode == -signal.SIGKILL, driver.stderr
+    pids = [int(p) for p in driver.stdout.split()]
+    assert len(pids) == 1
     deadline = time.monotonic() + 10
     while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -55,8 +55,8 @@ class DecodeInputs:
 
 class ModelRunner:
     def __init__(self, config: Config, tp=None):
-        """tp: the engine's TensorParallelDriver / TensorParallelWorker (None for one rank): the model is built
-        with its process group, step inputs reach the workers through it and all ranks agree on the KV size."""
+        """tp: the engine's TensorParallelDriver, or a worker's TensorParallelRank (None for one rank): the model
+        is built with its process group, step inputs reach the workers through it, all ranks agree on the KV size."""
         self.config = config
         self.tp = tp
         hf = config.hf_config

@@ -45,7 +45,9 @@ def _rank_device(config: Config, rank: int) -> torch.device:
     return torch.device("cuda", rank) if config.device.startswith("cuda") else torch.device(config.device)
 
 
-class _Rank:
+class TensorParallelRank:
+    """One rank's process group and device; a worker's ModelRunner gets one of these as its tp."""
+
     def __init__(self, group, device: torch.device):
         self.group = group
         self.device = device
@@ -56,7 +58,7 @@ class _Rank:
         return int(t.item())
 
 
-class TensorParallelDriver(_Rank):
+class TensorParallelDriver(TensorParallelRank):
     """Rank 0: starts the workers, sends them each step, turns any worker failure into a RuntimeError."""
 
     def __init__(self, config: Config):
@@ -199,10 +201,6 @@ def _stop_workers(processes, conns) -> None:
 
 
 # ---------------------------------------------------------------- worker processes
-class TensorParallelWorker(_Rank):
-    pass
-
-
 def _exit_with_parent(parent_pid: int) -> None:
     """A worker stuck in a collective cannot see its pipe close: leave as soon as the driver is gone."""
     while True:
@@ -221,7 +219,7 @@ def _worker_main(config: Config, rank: int, size: int, port: int, conn, parent_p
         store = dist.TCPStore("127.0.0.1", port, None, is_master=False,
                               timeout=datetime.timedelta(seconds=STARTUP_TIMEOUT_S))
         store.set(f"up{rank}", "1")
-        runner = ModelRunner(config, TensorParallelWorker(_process_group(store, rank, size, device), device))
+        runner = ModelRunner(config, TensorParallelRank(_process_group(store, rank, size, device), device))
         with torch.inference_mode():
             while payload := conn.recv_bytes():
                 inputs, arrays = pickle.loads(payload)
