@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from checkpoints import hf_greedy, qwen3_config, save_random_model
 from conftest import MAX_NEW_TOKENS
 from nanovllm import LLM, SamplingParams
+from test_engine_gpu import NUM_NEW, agree_until_near_tie, gpu_models, gpu_prompts, hf_model  # noqa: F401
 
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
 ENGINE = dict(device="cpu", max_model_len=256, max_num_seqs=16, tensor_parallel_size=2)
@@ -171,3 +172,18 @@ def test_kv_heads_neither_divisible_nor_dividing_rejected(tmp_path):
     config.save_pretrained(tmp_path)  # the check comes before any weight or tokenizer is read
     with pytest.raises(ValueError, match="num_key_value_heads=3 and tensor_parallel_size=2: one must divide the other"):
         LLM(str(tmp_path), **ENGINE)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpus_nccl_with_cuda_graphs(gpu_models, gpu_prompts):
+    """NCCL ranks on cuda:0 and cuda:1, all-reduces inside the captured decode graphs: greedy tokens agree with
+    one GPU up to the first divergence, which must be a bf16 near-tie (the reduction order differs)."""
+    params = SamplingParams(temperature=0, max_tokens=NUM_NEW, ignore_eos=True)
+    results = []
+    for size in (1, 2):
+        with LLM(gpu_models["qwen3"], max_model_len=1024, max_num_seqs=16, tensor_parallel_size=size) as llm:
+            assert llm.model_runner.graphs and llm.model_runner.num_kv_heads == 8 // size
+            results.append([o.token_ids for o in llm.generate(gpu_prompts, params, use_tqdm=False)])
+    judge = hf_model(gpu_models["qwen3"], torch.float32)
+    for prompt, two, one in zip(gpu_prompts, results[1], results[0]):
+        agree_until_near_tie(judge, prompt, two, one)
