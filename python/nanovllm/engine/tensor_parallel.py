@@ -20,6 +20,7 @@ import weakref
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from multiprocessing.connection import wait
 
 from nanovllm.config import Config
 from nanovllm.engine.model_runner import DecodeInputs, ModelRunner
@@ -85,6 +86,7 @@ class TensorParallelDriver(TensorParallelRank):
             self.processes.append(process)
             self.conns.append(conn)
         self._store = store
+        self._watched = self.conns + [p.sentinel for p in self.processes]
         with self.watch():
             self._wait_for_workers(store)
             self.group = _process_group(store, 0, size, device)
@@ -108,6 +110,9 @@ class TensorParallelDriver(TensorParallelRank):
         """Raises a RuntimeError naming the rank if a worker has died or reported an error."""
         if self.failure is not None:
             raise RuntimeError(self.failure)
+        # One poll() over every pipe (an error report) and process sentinel (an exit): the common case is one call.
+        if not wait(self._watched, timeout=0):
+            return
         for rank, (process, conn) in enumerate(zip(self.processes, self.conns), start=1):
             reported = None
             with contextlib.suppress(EOFError, OSError):
