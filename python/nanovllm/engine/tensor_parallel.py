@@ -181,6 +181,7 @@ class TensorParallelDriver(TensorParallelRank):
         communicator left to its destructor may wait on peers that are gone."""
         if self.group is not None and self.device.type == "cuda":
             self.group.abort()
+            self.group = None
 
     def close(self) -> None:
         if self.failure is None:
@@ -240,5 +241,5 @@ def _worker_main(config: Config, rank: int, size: int, port: int, conn, parent_p
         os._exit(0)
     except BaseException:
         with contextlib.suppress(OSError):
-            conn.send(f"{traceback.format_exc()}")
+            conn.send(traceback.format_exc())
         os._exit(1)
