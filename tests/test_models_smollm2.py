@@ -39,4 +39,5 @@ def test_greedy_chat_matches_transformers(smollm2):
         outputs = llm.generate(chats, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
     assert [o.token_ids for o in outputs] == expected
     assert outputs[0].text == "The capital of France is Paris."
-    assert outputs[0].finish_reason == "eos" and outputs[0].token_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert outputs[0].finish_reason == "eos"
+    assert outputs[0].token_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -47,6 +47,7 @@ class ModelRunner:
                 self.model = MODELS[hf.architectures[0]](hf)
         finally:
             torch.set_default_dtype(default_dtype)
+        self.model.requires_grad_(False)
         load_model(self.model, config.model)
         self.sampler = Sampler()
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -96,6 +97,7 @@ class ModelRunner:
             return max(1, min(wanted, CPU_KV_CACHE_BYTES // self.block_bytes))
         return self._measure_kv_blocks()
 
+    @torch.inference_mode()
     def _measure_kv_blocks(self) -> int:
         """Blocks that fit in gpu_memory_utilization of the GPU once weights, the peak activations of the
         largest prefill, and the memory the decode graphs will hold are set aside."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from nanovllm_cpp import BlockAllocator
 
 from nanovllm.config import Config
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import Sequence
 
 
 @dataclass
@@ -83,7 +83,6 @@ class Scheduler:
         for chunk in chunks:
             if chunk.samples:
                 self.waiting.remove(chunk.seq)
-                chunk.seq.status = SequenceStatus.RUNNING
                 self.running.append(chunk.seq)
         return chunks
 
@@ -91,6 +90,8 @@ class Scheduler:
         # The token sampled last step enters the allocator now: this step computes its KV.
         while not self.allocator.can_append_all([s.seq_id for s in self.running]):
             self._preempt(self.running.pop())
+            if not self.running:  # validation guarantees one request fits the cache alone
+                raise RuntimeError("KV cache too small for a single running sequence")
         ids = [s.seq_id for s in self.running]
         self.allocator.append_all(ids, [s.last_token for s in self.running])
         for seq in self.running:
@@ -102,7 +103,6 @@ class Scheduler:
         self.allocator.free(seq.seq_id)
         seq.admitted = False
         seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.WAITING
         # Behind a part-prefilled prompt: that one holds blocks and must finish first.
         at = 1 if self.waiting and self.waiting[0].admitted else 0
         self.waiting.insert(at, seq)
@@ -122,7 +122,6 @@ class Scheduler:
                 seq.finish_reason = "length"
             else:
                 continue
-            seq.status = SequenceStatus.FINISHED
             self.allocator.free(seq.seq_id)
             self.running.remove(seq)
             finished.append(seq)

@@ -1,15 +1,8 @@
 """One request as the engine tracks it."""
 
-from enum import Enum, auto
 from itertools import count
 
 from nanovllm.sampling_params import SamplingParams
-
-
-class SequenceStatus(Enum):
-    WAITING = auto()
-    RUNNING = auto()
-    FINISHED = auto()
 
 
 class Sequence:
@@ -21,7 +14,6 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)
         self.params = params
         self.seed = seed
-        self.status = SequenceStatus.WAITING
         # Tokens whose KV is computed or scheduled in the current step; 0 while the sequence holds no blocks.
         self.num_computed_tokens = 0
         self.admitted = False
@@ -41,7 +33,3 @@ class Sequence:
     @property
     def completion_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED

@@ -19,7 +19,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        check_shape(torch.empty(self.vocab_size, param.shape[1], device="meta"), loaded)
+        check_shape((self.vocab_size, param.shape[1]), loaded)
         shard = loaded[self.vocab_start: self.vocab_start + self.shard_size]
         param.data[: shard.shape[0]].copy_(shard)
         param.data[shard.shape[0]:].zero_()  # the last rank's padding rows

@@ -16,9 +16,10 @@ def _divide(n: int, d: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
-    """tp_dim: the weight dim split across ranks (0 = output features, 1 = input features, None = replicated)."""
+    """tp_dim: the weight dim split across ranks (0 = output features, 1 = input features). A bias is split
+    with the output features and replicated otherwise."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None,
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int,
                  tp_rank: int | None = None, tp_size: int | None = None):
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank_and_size(tp_rank, tp_size)
@@ -30,27 +31,19 @@ class LinearBase(nn.Module):
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
 
-    def _shard(self, param: nn.Parameter, loaded: torch.Tensor) -> torch.Tensor:
-        dim = self.tp_dim if param.dim() > 1 or self.tp_dim == 0 else None
-        if dim is None or self.tp_size == 1:
-            return loaded
-        size = param.shape[dim]
-        return loaded.narrow(dim, self.tp_rank * size, size)
-
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        split = param.dim() > self.tp_dim  # a row-parallel bias (1-D) is replicated
         full = list(param.shape)
-        if self.tp_dim is not None and (param.dim() > 1 or self.tp_dim == 0):
+        if split:
             full[self.tp_dim] *= self.tp_size
-        check_shape(torch.empty(full, device="meta"), loaded)
-        param.data.copy_(self._shard(param, loaded))
+        check_shape(full, loaded)
+        if split:
+            size = param.shape[self.tp_dim]
+            loaded = loaded.narrow(self.tp_dim, self.tp_rank * size, size)
+        param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-
-class ReplicatedLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, **tp):
-        super().__init__(input_size, output_size, bias, None, **tp)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -75,7 +68,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def _load_slice(self, param, loaded, offset: int, size: int, full_size: int) -> None:
         expected = (full_size, *param.shape[1:])
-        check_shape(torch.empty(expected, device="meta"), loaded)
+        check_shape(expected, loaded)
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
 
 
@@ -92,7 +85,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         sizes = [self.num_heads * head_dim * tp_size, self.num_kv_heads * head_dim * tp_size,
                  self.num_kv_heads * head_dim * tp_size]
         super().__init__(hidden_size, sizes, bias, **tp)
-        self.full_kv = num_kv_heads * head_dim
+        self.total_kv_size = num_kv_heads * head_dim
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
         q = self.num_heads * self.head_dim
@@ -101,7 +94,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
             self._load_slice(param, loaded, 0, q, q * self.tp_size)
             return
         offset = q if shard_id == "k" else q + kv
-        check_shape(torch.empty((self.full_kv, *param.shape[1:]), device="meta"), loaded)
+        check_shape((self.total_kv_size, *param.shape[1:]), loaded)
         start = (self.tp_rank // self.kv_replicas) * kv
         param.data.narrow(0, offset, kv).copy_(loaded.narrow(0, start, kv))
 

@@ -11,6 +11,7 @@ def tp_rank_and_size(tp_rank: int | None, tp_size: int | None) -> tuple[int, int
     return 0, 1
 
 
-def check_shape(param, loaded, what: str = "") -> None:
-    if tuple(param.shape) != tuple(loaded.shape):
-        raise ValueError(f"expected shape {tuple(param.shape)}{what}, checkpoint has {tuple(loaded.shape)}")
+def check_shape(expected, loaded) -> None:
+    """The checkpoint tensor must have the full (unsharded) shape the layer expects."""
+    if tuple(expected) != tuple(loaded.shape):
+        raise ValueError(f"expected shape {tuple(expected)}, checkpoint has {tuple(loaded.shape)}")

@@ -7,10 +7,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from nanovllm.layers.parallel import check_shape
+
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
-    if tuple(param.shape) != tuple(loaded.shape):
-        raise ValueError(f"expected shape {tuple(param.shape)}, checkpoint has {tuple(loaded.shape)}")
+    check_shape(param.shape, loaded)
     param.data.copy_(loaded)
 
 

@@ -1,0 +1,54 @@
+// Plain C++ entry points of the elementwise CUDA kernels (store_kvcache, rms_norm, fused_add_rms_norm,
+// rotary_embedding). They take raw pointers, sizes and strides, so the .cu files need no torch headers; the
+// torch-facing checks live in csrc/ops_cuda.cpp. Strides are in elements (bytes for store_kvcache), the last
+// dim is always contiguous. Each launcher enqueues one kernel on `stream` and returns cudaGetLastError().
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace nanovllm::kernels {
+
+enum class DType { Float32, Float16, BFloat16 };
+
+// Row r of a [..., hidden] tensor starts at (r / inner_rows) * outer_stride + (r % inner_rows) * inner_stride,
+// which covers [tokens, hidden] and [tokens, heads, head_dim] views (e.g. q out of a fused qkv projection).
+struct RowLayout {
+  int64_t inner_rows = 1;
+  int64_t outer_stride = 0;
+  int64_t inner_stride = 0;
+};
+
+// A [tokens, heads, head_dim] view: element (t, h, i) at t * token_stride + h * head_stride + i.
+struct HeadLayout {
+  int64_t token_stride = 0;
+  int64_t head_stride = 0;
+};
+
+// Largest hidden size the RMSNorm kernels keep in registers (one row per thread group of at most 512 threads).
+inline constexpr int64_t kRmsNormMaxHidden = 8192;
+
+// k_cache/v_cache row slot_mapping[t] (kv_heads * head_dim contiguous elements) = key/value[t]; slot -1 skips.
+// A byte copy, so bit-exact for any dtype; key/value layouts in bytes.
+cudaError_t launch_store_kvcache(const void* key, HeadLayout key_layout, const void* value, HeadLayout value_layout,
+                                 void* k_cache, void* v_cache, const int64_t* slot_mapping, int64_t num_tokens,
+                                 int num_kv_heads, int head_bytes, cudaStream_t stream);
+
+// out = x * rsqrt(mean(x^2) + eps) * weight per row of `hidden` elements; out may alias x.
+cudaError_t launch_rms_norm(DType dtype, void* out, RowLayout out_layout, const void* x, RowLayout x_layout,
+                            const void* weight, int64_t num_rows, int hidden, float eps, cudaStream_t stream);
+
+// residual += x (rounded to the storage dtype), then x = rms_norm(residual) * weight.
+cudaError_t launch_fused_add_rms_norm(DType dtype, void* x, RowLayout x_layout, void* residual,
+                                      RowLayout residual_layout, const void* weight, int64_t num_rows, int hidden,
+                                      float eps, cudaStream_t stream);
+
+// NeoX rotate-half rotary embedding of query and key in place, in one launch. cos_sin_cache: fp32
+// [max_position, head_dim], cos | sin halves; positions: int64 [num_tokens].
+cudaError_t launch_rotary_embedding(DType dtype, const int64_t* positions, void* query, HeadLayout query_layout,
+                                    int num_q_heads, void* key, HeadLayout key_layout, int num_kv_heads,
+                                    const float* cos_sin_cache, int64_t num_tokens, int head_dim,
+                                    cudaStream_t stream);
+
+}  // namespace nanovllm::kernels

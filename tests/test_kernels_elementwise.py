@@ -1,0 +1,277 @@
+"""CUDA kernels of store_kvcache, rms_norm, fused_add_rms_norm and rotary_embedding against their references.
+
+Each check draws fresh random inputs, poisons outputs with NaN where the op has a separate output, and compares
+with nanovllm_cpp.reference (fp32 math): relative error ||out - ref|| / ||ref|| <= 1e-2 for bf16/fp16 and 1e-5 for
+fp32; store_kvcache and the residual of fused_add_rms_norm must be bit-exact. Views of a fused qkv projection
+cover the strided layouts the engine uses; "unaligned" views (odd token stride) force the scalar fallbacks.
+The worst error per op and dtype is printed at the end of the module (run with -s to see it).
+"""
+
+import pytest
+import torch
+
+from nanovllm_cpp import ops, reference
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
+BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+HIDDEN_SIZES = [576, 769, 1024, 4096, 5125, 8192]
+TOKEN_COUNTS = [1, 7, 83, 4096]
+HEAD_DIMS = [64, 128]
+LAYOUTS = ["contiguous", "qkv_view", "unaligned_qkv_view"]
+EPS = 1e-6
+Q_HEADS, KV_HEADS = 16, 8
+
+worst_errors: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def print_worst_errors():
+    yield
+    if worst_errors:
+        print("\nworst relative error vs reference (op, dtype):")
+        for name, error in sorted(worst_errors.items()):
+            print(f"  {name:<40} {error:.3e}")
+
+
+def check_close(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert not out.isnan().any(), f"{name}: output has NaN (an element was not written)"
+    error = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    key = f"{name} {str(out.dtype).removeprefix('torch.')}"
+    worst_errors[key] = max(worst_errors.get(key, 0.0), error)
+    assert error <= TOLERANCE[out.dtype], f"{name}: relative error {error:.3e} > {TOLERANCE[out.dtype]:.0e}"
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN poison compares equal to itself)."""
+    return torch.equal(a.contiguous().view(BITS[a.dtype]), b.contiguous().view(BITS[b.dtype]))
+
+
+def qkv_views(tokens: int, head_dim: int, dtype: torch.dtype, layout: str, device: str = "cuda"):
+    """(qkv storage, q, k, v) with q/k/v [tokens, heads, head_dim] as the engine gets them."""
+    if layout == "contiguous":
+        make = lambda heads: torch.randn(tokens, heads, head_dim, dtype=dtype, device=device)  # noqa: E731
+        q, k, v = make(Q_HEADS), make(KV_HEADS), make(KV_HEADS)
+        return None, q, k, v
+    width = (Q_HEADS + 2 * KV_HEADS) * head_dim
+    pad = 1 if layout == "unaligned_qkv_view" else 0
+    qkv = torch.randn(tokens, width + pad, dtype=dtype, device=device)
+    q = qkv[:, pad : pad + Q_HEADS * head_dim].view(tokens, Q_HEADS, head_dim)
+    k = qkv[:, pad + Q_HEADS * head_dim : pad + (Q_HEADS + KV_HEADS) * head_dim].view(tokens, KV_HEADS, head_dim)
+    v = qkv[:, pad + (Q_HEADS + KV_HEADS) * head_dim :].view(tokens, KV_HEADS, head_dim)
+    return qkv, q, k, v
+
+
+def norm_weight(hidden: int, dtype: torch.dtype, device: str = "cuda") -> torch.Tensor:
+    return (torch.randn(hidden, device=device) * 0.2 + 1.0).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------- rms_norm
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", HIDDEN_SIZES)
+@pytest.mark.parametrize("tokens", TOKEN_COUNTS)
+def test_rms_norm(tokens, hidden, dtype):
+    x = torch.randn(tokens, hidden, dtype=dtype, device="cuda") * 3
+    weight = norm_weight(hidden, dtype)
+    out = torch.full_like(x, float("nan"))
+    ops.rms_norm(out, x, weight, EPS)
+    check_close("rms_norm", out, reference.rms_norm_fp32(x, weight, EPS))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("tokens", TOKEN_COUNTS)
+@pytest.mark.parametrize("layout", ["qkv_view", "unaligned_qkv_view"])
+def test_rms_norm_per_head_on_qkv_views(layout, tokens, head_dim, dtype):
+    """Qwen3's q/k norm: rows of head_dim inside strided views, into strided outputs and in place."""
+    qkv, q, k, _ = qkv_views(tokens, head_dim, dtype, layout)
+    out_qkv, out_q, out_k, out_v = qkv_views(tokens, head_dim, dtype, layout)
+    out_qkv.fill_(float("nan"))
+    q_weight, k_weight = norm_weight(head_dim, dtype), norm_weight(head_dim, dtype)
+    ops.rms_norm(out_q, q, q_weight, EPS)
+    ops.rms_norm(out_k, k, k_weight, EPS)
+    q_ref, k_ref = reference.rms_norm_fp32(q, q_weight, EPS), reference.rms_norm_fp32(k, k_weight, EPS)
+    check_close("rms_norm per-head q", out_q, q_ref)
+    check_close("rms_norm per-head k", out_k, k_ref)
+    assert out_v.isnan().all(), "rms_norm wrote outside its output view"
+
+    v_before = qkv[:, -KV_HEADS * head_dim :].clone()
+    ops.rms_norm(q, q, q_weight, EPS)
+    ops.rms_norm(k, k, k_weight, EPS)
+    check_close("rms_norm per-head in place", q, q_ref)
+    check_close("rms_norm per-head in place", k, k_ref)
+    assert same_bits(qkv[:, -KV_HEADS * head_dim :], v_before)
+
+
+@requires_cuda
+def test_rms_norm_leading_dims_and_empty():
+    x = torch.randn(3, 5, 7, 256, dtype=torch.bfloat16, device="cuda")[:, 1:4]  # two row strides after merging
+    weight = norm_weight(256, torch.bfloat16)
+    out = torch.full_like(x, float("nan"))
+    ops.rms_norm(out, x, weight, EPS)
+    check_close("rms_norm", out, reference.rms_norm_fp32(x, weight, EPS))
+    empty = torch.empty(0, 256, dtype=torch.bfloat16, device="cuda")
+    ops.rms_norm(empty, empty, weight, EPS)
+
+
+@requires_cuda
+def test_rms_norm_rejects_bad_input():
+    x = torch.randn(4, 1024, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(x)
+    with pytest.raises(RuntimeError, match="weight has dtype"):
+        ops.rms_norm(out, x, torch.ones(1024, device="cuda"), EPS)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[1024\]"):
+        ops.rms_norm(out, x, torch.ones(512, dtype=torch.bfloat16, device="cuda"), EPS)
+    with pytest.raises(RuntimeError, match="hidden size 16384"):
+        big = torch.randn(2, 16384, dtype=torch.bfloat16, device="cuda")
+        ops.rms_norm(big, big, torch.ones(16384, dtype=torch.bfloat16, device="cuda"), EPS)
+    with pytest.raises(RuntimeError, match="contiguous last dim"):
+        ops.rms_norm(out.t(), x.t(), torch.ones(4, dtype=torch.bfloat16, device="cuda"), EPS)
+    with pytest.raises(RuntimeError, match="two strides"):
+        y = torch.randn(4, 4, 4, 64, dtype=torch.bfloat16, device="cuda")[::2, ::2, ::2]
+        ops.rms_norm(torch.empty_like(y), y, torch.ones(64, dtype=torch.bfloat16, device="cuda"), EPS)
+
+
+# ------------------------------------------------------------------------------------------ fused_add_rms_norm
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", HIDDEN_SIZES)
+@pytest.mark.parametrize("tokens", TOKEN_COUNTS)
+def test_fused_add_rms_norm(tokens, hidden, dtype):
+    x = torch.randn(tokens, hidden, dtype=dtype, device="cuda")
+    residual = torch.randn(tokens, hidden, dtype=dtype, device="cuda") * 4
+    weight = norm_weight(hidden, dtype)
+    x_ref, residual_ref = x.clone(), residual.clone()
+    reference.fused_add_rms_norm(x_ref, residual_ref, weight, EPS)
+    ops.fused_add_rms_norm(x, residual, weight, EPS)
+    assert same_bits(residual, residual_ref), "residual must be the exactly rounded sum"
+    check_close("fused_add_rms_norm", x, reference.rms_norm_fp32(residual_ref, weight, EPS))
+
+
+@requires_cuda
+def test_fused_add_rms_norm_rejects_bad_input():
+    x = torch.randn(4, 1024, dtype=torch.bfloat16, device="cuda")
+    weight = torch.ones(1024, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="residual has shape"):
+        ops.fused_add_rms_norm(x, torch.randn(4, 512, dtype=torch.bfloat16, device="cuda"), weight, EPS)
+    with pytest.raises(RuntimeError, match="residual has dtype"):
+        ops.fused_add_rms_norm(x, x.float(), weight, EPS)
+
+
+# ---------------------------------------------------------------------------------------------- store_kvcache
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("tokens", TOKEN_COUNTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_store_kvcache(layout, tokens, head_dim, dtype):
+    _, _, key, value = qkv_views(tokens, head_dim, dtype, layout)
+    block_size = 16
+    num_blocks = 2 * tokens // block_size + 3
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:tokens]
+    slots[torch.rand(tokens, device="cuda") < 0.2] = -1  # padding tokens
+    k_cache = torch.full((num_blocks, block_size, KV_HEADS, head_dim), float("nan"), dtype=dtype, device="cuda")
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    reference.store_kvcache(key, value, k_ref, v_ref, slots)
+    ops.store_kvcache(key, value, k_cache, v_cache, slots)
+    assert same_bits(k_cache, k_ref) and same_bits(v_cache, v_ref)
+    written = k_cache.view(-1, KV_HEADS, head_dim)[slots[slots >= 0]]
+    assert not written.isnan().any()
+
+
+@requires_cuda
+def test_store_kvcache_rejects_bad_input():
+    key = torch.randn(4, KV_HEADS, 64, dtype=torch.bfloat16, device="cuda")
+    cache = torch.zeros(2, 16, KV_HEADS, 64, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="slot_mapping must be a contiguous int64"):
+        ops.store_kvcache(key, key, cache, cache.clone(), torch.arange(4, dtype=torch.int32, device="cuda"))
+    with pytest.raises(RuntimeError, match="k_cache has dtype"):
+        ops.store_kvcache(key, key, cache.half(), cache.half(), torch.arange(4, device="cuda"))
+    with pytest.raises(RuntimeError, match="do not match the cache"):
+        ops.store_kvcache(key[..., :32], key[..., :32], cache, cache.clone(), torch.arange(4, device="cuda"))
+
+
+# ------------------------------------------------------------------------------------------- rotary_embedding
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("tokens", TOKEN_COUNTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_rotary_embedding(layout, tokens, head_dim, dtype):
+    max_position = 8192
+    cos_sin_cache = reference.rotary_cos_sin_cache(head_dim, max_position, base=1e6).cuda()
+    positions = torch.randint(0, max_position, (tokens,), device="cuda")
+    qkv, query, key, value = qkv_views(tokens, head_dim, dtype, layout)
+    value_before = value.clone()
+    query_ref, key_ref = query.float(), key.float()  # upcast copies: the reference's result stays unrounded
+    reference.rotary_embedding(positions, query_ref, key_ref, cos_sin_cache)
+    ops.rotary_embedding(positions, query, key, cos_sin_cache)
+    check_close("rotary_embedding q", query, query_ref)
+    check_close("rotary_embedding k", key, key_ref)
+    assert same_bits(value, value_before), "rotary_embedding wrote outside query/key"
+
+
+@requires_cuda
+def test_rotary_embedding_rejects_bad_input():
+    query = torch.randn(4, Q_HEADS, 64, dtype=torch.bfloat16, device="cuda")
+    key = torch.randn(4, KV_HEADS, 64, dtype=torch.bfloat16, device="cuda")
+    cache = reference.rotary_cos_sin_cache(64, 32, base=1e4).cuda()
+    positions = torch.arange(4, device="cuda")
+    with pytest.raises(RuntimeError, match="cos_sin_cache must be a contiguous float32"):
+        ops.rotary_embedding(positions, query, key, cache[:, :32].contiguous())
+    with pytest.raises(RuntimeError, match="positions must be a contiguous int64"):
+        ops.rotary_embedding(positions.int(), query, key, cache)
+    with pytest.raises(RuntimeError, match="key has dtype"):
+        ops.rotary_embedding(positions, query, key.half(), cache)
+
+
+# ------------------------------------------------------------------------------------------------- opcheck
+
+
+def _devices():
+    return ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_opcheck_store_kvcache(device):
+    key = torch.randn(5, 2, 64, device=device, dtype=torch.bfloat16)
+    value = torch.randn_like(key)
+    k_cache = torch.zeros(3, 4, 2, 64, device=device, dtype=torch.bfloat16)
+    slots = torch.tensor([0, 5, -1, 11, 2], device=device)
+    torch.library.opcheck(torch.ops.nanovllm_cpp.store_kvcache.default,
+                          (key, value, k_cache, k_cache.clone(), slots))
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_opcheck_rms_norm(device):
+    x = torch.randn(6, 256, device=device, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.nanovllm_cpp.rms_norm.default,
+                          (torch.empty_like(x), x, norm_weight(256, x.dtype, device), EPS))
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_opcheck_fused_add_rms_norm(device):
+    x = torch.randn(6, 256, device=device, dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.nanovllm_cpp.fused_add_rms_norm.default,
+                          (x, torch.randn_like(x), norm_weight(256, x.dtype, device), EPS))
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_opcheck_rotary_embedding(device):
+    _, query, key, _ = qkv_views(5, 64, torch.bfloat16, "qkv_view", device)
+    cache = reference.rotary_cos_sin_cache(64, 32, base=1e4).to(device)
+    positions = torch.randint(0, 32, (5,), device=device)
+    torch.library.opcheck(torch.ops.nanovllm_cpp.rotary_embedding.default, (positions, query, key, cache))
