@@ -1,6 +1,6 @@
 """Soak: thousands of random requests through one LLM, in waves; nothing may accumulate.
 
-    python benchmarks/soak.py [--requests 5000] [--waves 10] [--layers 4]
+    python benchmarks/soak.py [--requests 5000] [--waves 10] [--layers 4] [--kv-blocks 4096]
     pytest benchmarks/soak.py            # the same check with 300 requests (needs a CUDA GPU)
 
 A Qwen3-0.6B-shaped model with fewer layers and random bf16 weights; prompts of 1..1024 tokens (a third start
@@ -30,6 +30,9 @@ from nanovllm.bench import QWEN3_0_6B, write_random_model
 RSS_GROWTH_LIMIT = 48 << 20
 MAX_PROMPT = 1024
 MAX_OUTPUT = 256
+# 64k tokens of KV: room for ~100 of the 256 sequences a step may hold, so preemption and prefix-cache eviction
+# happen all the time (the GPU's full memory would hold every request at once and exercise neither).
+KV_BLOCKS = 4096
 
 
 def rss_bytes() -> int:
@@ -52,9 +55,8 @@ def random_requests(rng: random.Random, n: int, systems: list[list[int]]):
     prompts, params = [], []
     for _ in range(n):
         length = rng.randrange(1, MAX_PROMPT + 1)
-        prompt = list(rng.choice(systems)) if rng.random() < 1 / 3 else []
-        prompt += [rng.randrange(3, 151000) for _ in range(max(1, length - len(prompt)))]
-        prompts.append(prompt)
+        shared = rng.choice(systems)[:length - 1] if rng.random() < 1 / 3 else []
+        prompts.append(shared + [rng.randrange(3, 151000) for _ in range(length - len(shared))])
         sampled = rng.random() < 0.5
         params.append(SamplingParams(temperature=0.8 if sampled else 0.0, top_p=0.95 if sampled else 1.0,
                                      max_tokens=rng.randrange(1, MAX_OUTPUT + 1), ignore_eos=True))
@@ -68,11 +70,12 @@ def snapshot(llm: LLM) -> dict:
                 gpu_allocated=torch.cuda.memory_allocated(), rss=rss_bytes())
 
 
-def soak(num_requests: int, waves: int, layers: int = 4, seed: int = 0) -> dict:
+def soak(num_requests: int, waves: int, layers: int = 4, kv_blocks: int = KV_BLOCKS, seed: int = 0) -> dict:
     """Runs a warm-up wave, then num_requests in `waves` generate() calls; returns the measurements."""
     rng = random.Random(seed)
     systems = [[rng.randrange(3, 151000) for _ in range(rng.randrange(64, 400))] for _ in range(4)]
-    with LLM(model_folder(layers), max_model_len=MAX_PROMPT + MAX_OUTPUT, max_num_seqs=256) as llm:
+    with LLM(model_folder(layers), max_model_len=MAX_PROMPT + MAX_OUTPUT, max_num_seqs=256,
+             num_kvcache_blocks=kv_blocks) as llm:
         num_blocks = llm.scheduler.allocator.num_blocks
         llm.generate(*random_requests(rng, 256, systems), use_tqdm=False)  # every path and shape once
         warm = snapshot(llm)
@@ -132,11 +135,12 @@ def main(argv=None) -> None:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--waves", type=int, default=10)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--kv-blocks", type=int, default=KV_BLOCKS)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("soak.py needs a CUDA GPU")
-    result = soak(args.requests, args.waves, args.layers, args.seed)
+    result = soak(args.requests, args.waves, args.layers, args.kv_blocks, args.seed)
     report(result)
     check(result)
     print("soak: OK")
