@@ -12,6 +12,7 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine import model_runner as model_runner_module
+from nanovllm.engine.sequence import Sequence
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 BLOCK = 16
@@ -27,6 +28,11 @@ def assert_drained(llm) -> None:
     assert llm.scheduler.is_finished()
     assert alloc.num_sequences == 0
     assert alloc.num_free_blocks == alloc.num_blocks
+
+
+def assert_no_sequence_alive() -> None:
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is Sequence]
 
 
 def random_prompts(rng: random.Random, lengths) -> list[list[int]]:
@@ -199,6 +205,8 @@ def test_cache_just_large_enough_for_the_longest_request(tiny_models, prefix_cac
         assert [len(o.token_ids) for o in outputs] == [sp.max_tokens for sp in params]
         assert tight.num_preemptions > 0
         assert_drained(tight)
+        del outputs
+        assert_no_sequence_alive()
         with pytest.raises(ValueError, match="more than the whole KV cache"):
             tight.generate([[5] * (tight_blocks * BLOCK)], SamplingParams(max_tokens=2), use_tqdm=False)
 
@@ -344,6 +352,7 @@ def test_ctrl_c_during_generate(where, tiny_models, prompts, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             llm.generate(prompts, params, use_tqdm=where == "progress_bar")
     assert_drained(llm)
+    assert_no_sequence_alive()
     # The same engine carries on: same tokens as an engine that was never interrupted.
     assert token_ids(llm.generate(prompts, params, use_tqdm=False)) == expected
     assert_drained(llm)
