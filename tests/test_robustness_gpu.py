@@ -39,10 +39,23 @@ def judge(model):
     return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).cuda().eval()
 
 
+@pytest.fixture(scope="module")
+def warm_process(model):
+    """One full start and generate first: cuBLAS keeps a workspace per stream from its first GEMM on, which
+    is the process's, not a leak of the engine under test."""
+    with LLM(model, max_model_len=256, num_kvcache_blocks=64) as llm:
+        llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)
+
+
 def allocated() -> int:
     gc.collect()
     torch.cuda.synchronize()
     return torch.cuda.memory_allocated()
+
+
+# What a failed start may leave behind; the smallest thing it could leak, the 2-layer model's embedding,
+# is 25 MB.
+LEFT_BEHIND_LIMIT = 1 << 20
 
 
 def assert_drained(llm) -> None:
@@ -64,7 +77,7 @@ def start_and_fail(*args, **kwargs) -> str:
     raise AssertionError("LLM started")
 
 
-def test_wrong_weight_shape_gives_gpu_memory_back(model, tmp_path):
+def test_wrong_weight_shape_gives_gpu_memory_back(model, tmp_path, warm_process):
     from safetensors.torch import load_file, save_file
     folder = tmp_path / "bad"
     shutil.copytree(model, folder, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -75,17 +88,17 @@ def test_wrong_weight_shape_gives_gpu_memory_back(model, tmp_path):
     before = allocated()
     message = start_and_fail(str(folder))
     assert name in message and "model.safetensors" in message
-    assert allocated() == before
+    assert abs(allocated() - before) < LEFT_BEHIND_LIMIT
 
 
-def test_too_little_memory_says_found_and_needed_and_gives_memory_back(model):
+def test_too_little_memory_says_found_and_needed_and_gives_memory_back(model, warm_process):
     before = allocated()
     message = start_and_fail(model, max_model_len=1024, gpu_memory_utilization=0.001)
     assert "gpu_memory_utilization=0.001" in message and "GiB" in message and "one block needs" in message
-    assert allocated() == before
+    assert abs(allocated() - before) < LEFT_BEHIND_LIMIT
     with LLM(model, max_model_len=1024, gpu_memory_utilization=0.3) as llm:  # and a working start follows
         assert len(llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].token_ids) == 16
-    assert allocated() - before < 16 << 20
+    assert abs(allocated() - before) < LEFT_BEHIND_LIMIT
 
 
 def test_cache_just_large_enough_for_the_longest_request(model, judge):
