@@ -46,10 +46,12 @@ class Config:
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={limit}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.num_kvcache_blocks is not None and self.num_kvcache_blocks < 1:
-            raise ValueError(f"num_kvcache_blocks must be >= 1, got {self.num_kvcache_blocks}")
+        utilization = self.gpu_memory_utilization
+        if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}")
+        blocks = self.num_kvcache_blocks
+        if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1):
+            raise ValueError(f"num_kvcache_blocks must be >= 1, got {blocks!r}")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = str(torch.device(self.device))
@@ -80,10 +82,11 @@ class Config:
                              "must divide the other")
 
     def _resolve_dtype(self) -> torch.dtype:
-        if isinstance(self.dtype, torch.dtype):
-            return self.dtype
-        if self.dtype != "auto":
-            return getattr(torch, self.dtype)
+        if isinstance(self.dtype, torch.dtype) or self.dtype != "auto":
+            dtype = self.dtype if isinstance(self.dtype, torch.dtype) else getattr(torch, str(self.dtype), None)
+            if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise ValueError(f"dtype must be 'auto', 'float16', 'bfloat16' or 'float32', got {self.dtype!r}")
+            return dtype
         if not self.device.startswith("cuda"):
             return torch.float32  # CPU matmuls in half precision are slow and the references compute in fp32
         dtype = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)

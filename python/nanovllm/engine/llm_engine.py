@@ -157,6 +157,7 @@ class LLMEngine:
                     bar.update(1)
         except BaseException:
             self.scheduler.abort_all()
+            self.model_runner.allocator = self.scheduler.allocator
             raise
         finally:
             bar.close()
