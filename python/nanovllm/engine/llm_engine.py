@@ -157,7 +157,6 @@ class LLMEngine:
                     bar.update(1)
         except BaseException:
             self.scheduler.abort_all()
-            self.model_runner.allocator = self.scheduler.allocator
             raise
         finally:
             bar.close()
