@@ -91,6 +91,7 @@ PYBIND11_MODULE(_C, m) {
       .def("can_append_all", &BlockAllocator::can_append_all, py::arg("seq_ids"))
       .def("append_all", &BlockAllocator::append_all, py::arg("seq_ids"), py::arg("tokens"))
       .def("free", &BlockAllocator::free, py::arg("seq_id"))
+      .def("reset_prefix_cache", &BlockAllocator::reset_prefix_cache)
       .def("has_sequence", &BlockAllocator::has_sequence, py::arg("seq_id"))
       .def("block_table", &BlockAllocator::block_table, py::arg("seq_id"))
       .def("num_tokens", &BlockAllocator::num_tokens, py::arg("seq_id"))

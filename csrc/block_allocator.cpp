@@ -224,6 +224,14 @@ void BlockAllocator::free(int64_t seq_id) {
   seqs_.erase(seq_id);
 }
 
+void BlockAllocator::reset_prefix_cache() {
+  if (!seqs_.empty())
+    throw std::invalid_argument("reset_prefix_cache: " + std::to_string(seqs_.size()) +
+                                " sequences still hold blocks; free them first");
+  for (Block& blk : blocks_) blk.hashed = false;
+  prefix_map_.clear();
+}
+
 int BlockAllocator::take_free_block() {
   const int b = free_head_;
   unlink_free(b);

@@ -53,6 +53,9 @@ class BlockAllocator {
   bool can_append_all(const std::vector<int64_t>& seq_ids) const;
   void append_all(const std::vector<int64_t>& seq_ids, const std::vector<int32_t>& tokens);
   void free(int64_t seq_id);
+  // Forgets every cached block (their KV may be stale, e.g. after a step that was committed but never ran).
+  // Only while no sequence holds blocks.
+  void reset_prefix_cache();
 
   bool has_sequence(int64_t seq_id) const { return seqs_.count(seq_id) != 0; }
   const std::vector<int32_t>& block_table(int64_t seq_id) const { return seq(seq_id).blocks; }

@@ -655,3 +655,18 @@ def test_random_interleavings_keep_invariants():
         assert m.a.num_free_blocks == m.a.num_blocks and m.a.num_sequences == 0
 
     run()
+
+
+def test_reset_prefix_cache_forgets_every_block():
+    a = BlockAllocator(8, 8)
+    prompt = list(range(20))
+    a.allocate(0, prompt)
+    a.commit(0, 20)
+    with pytest.raises(ValueError, match="still hold blocks"):
+        a.reset_prefix_cache()
+    a.free(0)
+    assert any(a.is_cached(b) for b in range(8))
+    a.reset_prefix_cache()
+    assert not any(a.is_cached(b) for b in range(8))
+    assert a.allocate(1, prompt) == 0
+    assert a.num_free_blocks == 8 - 3

@@ -36,8 +36,6 @@ class Config:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"{self.model}: unsupported architecture {arch!r} "
                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size}: only 1 is supported for now")
         limit = self.hf_config.max_position_embeddings
         if self.max_model_len is None:
             self.max_model_len = limit
@@ -48,20 +46,47 @@ class Config:
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={limit}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.num_kvcache_blocks is not None and self.num_kvcache_blocks < 1:
-            raise ValueError(f"num_kvcache_blocks must be >= 1, got {self.num_kvcache_blocks}")
+        utilization = self.gpu_memory_utilization
+        if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}")
+        blocks = self.num_kvcache_blocks
+        if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1):
+            raise ValueError(f"num_kvcache_blocks must be >= 1, got {blocks!r}")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = str(torch.device(self.device))
         self.dtype = self._resolve_dtype()
+        self._check_tensor_parallel()
+
+    def _check_tensor_parallel(self) -> None:
+        n = self.tensor_parallel_size
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {n!r}")
+        if n == 1:
+            return
+        if self.device.startswith("cuda"):
+            if self.device not in ("cuda", "cuda:0"):
+                raise ValueError(f"tensor_parallel_size={n} puts rank r on cuda:r; device={self.device!r} must be "
+                                 "'cuda' or 'cuda:0'")
+            if n > torch.cuda.device_count():
+                raise ValueError(f"tensor_parallel_size={n} exceeds the {torch.cuda.device_count()} visible GPUs")
+            self.device = "cuda:0"
+        hf = self.hf_config
+        kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        for name, value in (("num_attention_heads", hf.num_attention_heads),
+                            ("intermediate_size", hf.intermediate_size)):
+            if value % n:
+                raise ValueError(f"{self.model}: {name}={value} is not divisible by tensor_parallel_size={n}")
+        if kv_heads % n and n % kv_heads:  # fewer kv heads than ranks: each is replicated on n / kv_heads ranks
+            raise ValueError(f"{self.model}: num_key_value_heads={kv_heads} and tensor_parallel_size={n}: one "
+                             "must divide the other")
 
     def _resolve_dtype(self) -> torch.dtype:
-        if isinstance(self.dtype, torch.dtype):
-            return self.dtype
-        if self.dtype != "auto":
-            return getattr(torch, self.dtype)
+        if isinstance(self.dtype, torch.dtype) or self.dtype != "auto":
+            dtype = self.dtype if isinstance(self.dtype, torch.dtype) else getattr(torch, str(self.dtype), None)
+            if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                raise ValueError(f"dtype must be 'auto', 'float16', 'bfloat16' or 'float32', got {self.dtype!r}")
+            return dtype
         if not self.device.startswith("cuda"):
             return torch.float32  # CPU matmuls in half precision are slow and the references compute in fp32
         dtype = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)

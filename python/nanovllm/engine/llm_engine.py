@@ -14,6 +14,7 @@ from nanovllm.config import Config
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.tensor_parallel import TensorParallelDriver
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -36,7 +37,13 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids(model)
         # Token ids index the embedding, which may be larger than the tokenizer (Qwen3 pads its vocabulary).
         self.vocab_size = self.config.hf_config.vocab_size
-        self.model_runner = ModelRunner(self.config)
+        self.tensor_parallel = None
+        if self.config.tensor_parallel_size > 1:
+            self.tensor_parallel = TensorParallelDriver(self.config)
+            with self.tensor_parallel.watch():
+                self.model_runner = ModelRunner(self.config, self.tensor_parallel)
+        else:
+            self.model_runner = ModelRunner(self.config)
         self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, self.eos_token_ids)
         self.model_runner.allocator = self.scheduler.allocator
         self._rng = random.Random()
@@ -51,6 +58,11 @@ class LLMEngine:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         return set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the tensor-parallel workers (ranks 1..N-1); empty for one rank."""
+        return self.tensor_parallel.worker_pids if self.tensor_parallel else []
 
     @property
     def num_preemptions(self) -> int:
@@ -162,6 +174,8 @@ class LLMEngine:
         self.scheduler.abort_all()
         self.model_runner.close()
         self.model_runner = None
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -1,6 +1,7 @@
 """Owns the model, the KV cache and the device buffers; turns a scheduled batch into sampled token ids."""
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -9,6 +10,7 @@ import nanovllm_cpp
 from nanovllm.config import Config
 from nanovllm.engine.scheduler import Batch
 from nanovllm.layers.attention import Attention
+from nanovllm.layers.parallel import building_with
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models import MODELS
 from nanovllm.models.llama import head_dim_of
@@ -30,9 +32,33 @@ def _mix_seed(seed: int, index: int) -> int:
     return ((seed & 0xFFFFFFFF) * 0x9E3779B1 + index * 0x85EBCA6B + (seed >> 32)) & 0xFFFFFFFF
 
 
+@dataclass
+class PrefillInputs:
+    """A prefill step as host arrays: all a tensor-parallel worker needs to run it."""
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slots: np.ndarray
+    seqlens_q: list[int]
+    seqlens_k: list[int]
+    prefix_slots: np.ndarray | None
+    sampling_chunks: list[int]
+
+
+@dataclass
+class DecodeInputs:
+    """A decode step whose inputs sit in the runner's host buffers (rows of them, the graph's padding included)."""
+    num_seqs: int
+    rows: int
+    graph_bs: int | None
+    block_table_width: int
+
+
 class ModelRunner:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, tp=None):
+        """tp: the engine's TensorParallelDriver, or a worker's TensorParallelRank (None for one rank): the model
+        is built with its process group, step inputs reach the workers through it, all ranks agree on the KV size."""
         self.config = config
+        self.tp = tp
         hf = config.hf_config
         self.device = torch.device(config.device)
         self.dtype = config.dtype
@@ -43,7 +69,7 @@ class ModelRunner:
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            with torch.device(self.device):
+            with torch.device(self.device), building_with(tp.group if tp else None):
                 self.model = MODELS[hf.architectures[0]](hf)
         finally:
             torch.set_default_dtype(default_dtype)
@@ -60,6 +86,8 @@ class ModelRunner:
             layer.max_context_len = config.max_model_len  # fixed, so CUDA graphs stay valid for any length
         self._allocate_decode_buffers()
         self.num_blocks = self._count_kv_blocks()
+        if tp is not None:  # every rank holds the same blocks: the fewest that fit on any GPU
+            self.num_blocks = tp.min_over_ranks(self.num_blocks)
         self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -202,14 +230,21 @@ class ModelRunner:
     @torch.inference_mode()
     def logits(self, batch: Batch) -> torch.Tensor:
         """float32 [len(batch.sampling_seqs), vocab]: next-token logits (the KV of the step is stored)."""
-        hidden = self._run_prefill(batch) if batch.is_prefill else self._run_decode(batch)
+        inputs = self._prefill_inputs(batch) if batch.is_prefill else self._decode_inputs(batch)
+        if self.tp is None:
+            return self.execute(inputs)
+        return self.tp.run_step(inputs, self)
+
+    def execute(self, inputs: PrefillInputs | DecodeInputs) -> torch.Tensor:
+        """The device part of a step, run by every tensor-parallel rank in the same order."""
+        hidden = self._run_prefill(inputs) if isinstance(inputs, PrefillInputs) else self._run_decode(inputs)
         reset_context()
         return self.model.compute_logits(hidden)
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         return host.to(self.device, non_blocking=True)
 
-    def _run_prefill(self, batch: Batch) -> torch.Tensor:
+    def _prefill_inputs(self, batch: Batch) -> PrefillInputs:
         chunks = batch.chunks
         seqlens_q = [c.end - c.start for c in chunks]
         has_prefix = any(c.start > 0 for c in chunks)
@@ -230,18 +265,22 @@ class ModelRunner:
             for chunk in chunks:
                 alloc.fill_slots(chunk.seq.seq_id, 0, chunk.end, prefix_slots, offset)
                 offset += chunk.end
-            prefix_slots = self._to_device(torch.from_numpy(prefix_slots))
+        return PrefillInputs(input_ids, positions, slots, seqlens_q, seqlens_k, prefix_slots,
+                             [i for i, c in enumerate(chunks) if c.samples])
+
+    def _run_prefill(self, inputs: PrefillInputs) -> torch.Tensor:
+        seqlens_q, seqlens_k = inputs.seqlens_q, inputs.seqlens_k
+        prefix_slots = None if inputs.prefix_slots is None else self._to_device(torch.from_numpy(inputs.prefix_slots))
         cu_q = torch.from_numpy(np.cumsum([0] + seqlens_q, dtype=np.int32))
-        cu_k = torch.from_numpy(np.cumsum([0] + seqlens_k, dtype=np.int32)) if has_prefix else cu_q
-        set_context(Context(True, self._to_device(torch.from_numpy(slots)), self._to_device(cu_q),
+        cu_k = cu_q if prefix_slots is None else torch.from_numpy(np.cumsum([0] + seqlens_k, dtype=np.int32))
+        set_context(Context(True, self._to_device(torch.from_numpy(inputs.slots)), self._to_device(cu_q),
                             self._to_device(cu_k), max(seqlens_q), max(seqlens_k), seqlens_q, seqlens_k,
                             prefix_slots))
-        hidden = self.model(self._to_device(torch.from_numpy(input_ids)),
-                            self._to_device(torch.from_numpy(positions)))
-        last = [i for i, c in enumerate(chunks) if c.samples]
-        return hidden[(cu_q[1:].to(self.device, torch.int64) - 1)[last]]
+        hidden = self.model(self._to_device(torch.from_numpy(inputs.input_ids)),
+                            self._to_device(torch.from_numpy(inputs.positions)))
+        return hidden[(cu_q[1:].to(self.device, torch.int64) - 1)[inputs.sampling_chunks]]
 
-    def _run_decode(self, batch: Batch) -> torch.Tensor:
+    def _decode_inputs(self, batch: Batch) -> DecodeInputs:
         seqs = batch.seqs
         n = len(seqs)
         ids = [s.seq_id for s in seqs]
@@ -256,14 +295,18 @@ class ModelRunner:
             self.h_context_lens[n:rows] = 0
             self.h_input_ids[n:rows] = 0
             self.h_positions[n:rows] = 0
+        # Only the columns in use: the kernel never reads a table past its context length.
+        width = -(-int(self.h_context_lens.numpy()[:n].max()) // self.block_size)
+        return DecodeInputs(n, rows, graph_bs, width)
+
+    def _run_decode(self, inputs: DecodeInputs) -> torch.Tensor:
+        n, rows, width = inputs.num_seqs, inputs.rows, inputs.block_table_width
         for host, dev in ((self.h_input_ids, self.d_input_ids), (self.h_positions, self.d_positions),
                           (self.h_slots, self.d_slots), (self.h_context_lens, self.d_context_lens)):
             dev[:rows].copy_(host[:rows], non_blocking=True)
-        # Only the columns in use: the kernel never reads a table past its context length.
-        width = -(-int(self.h_context_lens.numpy()[:n].max()) // self.block_size)
         self.d_block_tables[:n, :width].copy_(self.h_block_tables[:n, :width], non_blocking=True)
-        if graph_bs:
-            self.graphs[graph_bs].replay()
+        if inputs.graph_bs:
+            self.graphs[inputs.graph_bs].replay()
             return self.graph_hidden[:n]
         set_context(Context(False, self.d_slots[:n], context_lens=self.d_context_lens[:n],
                             block_tables=self.d_block_tables[:n]))

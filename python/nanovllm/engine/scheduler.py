@@ -128,9 +128,12 @@ class Scheduler:
         return finished
 
     def abort_all(self) -> None:
-        """Drop every request (generate() was interrupted): the engine is left empty and usable."""
+        """Drop every request (generate() was interrupted): the engine is left empty and usable. The prefix
+        cache is dropped too: blocks are committed when scheduled, so an interrupted step may have made blocks
+        findable whose KV was never written."""
         for seq in [*self.running, *self.waiting]:
             if self.allocator.has_sequence(seq.seq_id):
                 self.allocator.free(seq.seq_id)
         self.running.clear()
         self.waiting.clear()
+        self.allocator.reset_prefix_cache()

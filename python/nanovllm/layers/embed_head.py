@@ -5,13 +5,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.layers.parallel import check_shape, tp_rank_and_size
+from nanovllm.layers.parallel import check_shape, tp_group, tp_rank_and_size
 
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, tp_rank: int | None = None, tp_size: int | None = None):
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank_and_size(tp_rank, tp_size)
+        self.tp_group = tp_group()
         self.vocab_size = vocab_size
         self.shard_size = -(-vocab_size // self.tp_size)
         self.vocab_start = self.tp_rank * self.shard_size
@@ -30,7 +31,7 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.vocab_start
         mine = (local >= 0) & (local < self.shard_size)
         y = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
-        dist.all_reduce(y)
+        dist.all_reduce(y, group=self.tp_group)
         return y
 
 
@@ -40,6 +41,6 @@ class ParallelLMHead(VocabParallelEmbedding):
         logits = F.linear(hidden, self.weight)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-            dist.all_gather(parts, logits)
+            dist.all_gather(parts, logits, group=self.tp_group)
             logits = torch.cat(parts, -1)
         return logits[:, : self.vocab_size].float()

@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.layers.parallel import check_shape, tp_rank_and_size
+from nanovllm.layers.parallel import check_shape, tp_group, tp_rank_and_size
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -23,6 +23,7 @@ class LinearBase(nn.Module):
                  tp_rank: int | None = None, tp_size: int | None = None):
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank_and_size(tp_rank, tp_size)
+        self.tp_group = tp_group()
         self.tp_dim = tp_dim
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
@@ -40,7 +41,7 @@ class LinearBase(nn.Module):
         if split:
             size = param.shape[self.tp_dim]
             loaded = loaded.narrow(self.tp_dim, self.tp_rank * size, size)
-        param.data.copy_(loaded)
+        param.data.copy_(loaded[:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -109,5 +110,5 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         if self.tp_size > 1:
-            dist.all_reduce(y)
+            dist.all_reduce(y, group=self.tp_group)
         return y

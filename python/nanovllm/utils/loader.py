@@ -10,9 +10,24 @@ from torch import nn
 from nanovllm.layers.parallel import check_shape
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
+class CheckpointTensor:
+    """A checkpoint tensor read lazily: its shape, and only the slice a rank asks for (narrow / indexing; [:] reads
+    it all), so a tensor-parallel rank never holds more than its shard of a tensor in memory."""
+
+    def __init__(self, safetensors_slice):
+        self._slice = safetensors_slice
+        self.shape = torch.Size(safetensors_slice.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self._slice[(slice(None),) * dim + (slice(start, start + length),)]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._slice[index]
+
+
+def default_weight_loader(param: nn.Parameter, loaded: CheckpointTensor | torch.Tensor) -> None:
     check_shape(param.shape, loaded)
-    param.data.copy_(loaded)
+    param.data.copy_(loaded[:])
 
 
 def _ignored(name: str, model: nn.Module) -> bool:
@@ -43,9 +58,9 @@ def load_model(model: nn.Module, path: str) -> None:
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 try:
                     if shard is None:
-                        loader(param, f.get_tensor(name))
+                        loader(param, CheckpointTensor(f.get_slice(name)))
                     else:
-                        loader(param, f.get_tensor(name), shard)
+                        loader(param, CheckpointTensor(f.get_slice(name)), shard)
                 except ValueError as e:
                     raise ValueError(f"{file}: tensor {name!r}: {e}") from None
                 loaded_params.add((target, shard))
