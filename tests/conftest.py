@@ -16,6 +16,14 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
             "llama": save_random_model(llama_config(), str(root / "llama"), seed=2)}
 
 
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    """A small CPU engine (tiny Qwen3, 6 KV blocks of 16 tokens) for request-validation tests."""
+    from nanovllm import LLM
+    with LLM(tiny_models["qwen3"], device="cpu", max_model_len=128, num_kvcache_blocks=6) as llm:
+        yield llm
+
+
 @pytest.fixture(scope="session")
 def prompts() -> list[list[int]]:
     """Mixed lengths (1 to 150 tokens, some across block boundaries) and two pairs sharing long prefixes."""

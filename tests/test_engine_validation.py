@@ -15,12 +15,6 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_models):
-    with LLM(tiny_models["qwen3"], device="cpu", max_model_len=128, num_kvcache_blocks=6) as llm:
-        yield llm
-
-
-@pytest.fixture(scope="module")
 def baseline(llm, prompts):
     return [o.token_ids for o in llm.generate(prompts[:3], GREEDY, use_tqdm=False)]
 

@@ -43,12 +43,6 @@ def random_prompts(rng: random.Random, lengths) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_models):
-    with LLM(tiny_models["qwen3"], device="cpu", max_model_len=128, num_kvcache_blocks=6) as llm:
-        yield llm
-
-
-@pytest.fixture(scope="module")
 def baseline(llm, prompts):
     return token_ids(llm.generate(prompts[:3], GREEDY, use_tqdm=False))
 
