@@ -20,7 +20,7 @@ def main() -> None:
         questions = ["What is the capital of France?", "Introduce yourself in two sentences."]
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                  tokenize=False) for q in questions]
-        outputs = llm.generate(prompts, SamplingParams(temperature=0.6, top_p=0.95, max_tokens=256, seed=0))
+        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=256))
         for question, output in zip(questions, outputs):
             print(f"\nQ: {question}\nA: {output.text}  [{output.finish_reason}, {len(output.token_ids)} tokens]")
 
