@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,6 +31,13 @@ BAD_REQUESTS = {
     "params_count": ([[5], [6]], [GREEDY] * 3, ValueError, ["3 SamplingParams", "2 prompts"]),
     "not_params": ([[5]], [{"temperature": 0}], TypeError, ["request 0", "SamplingParams"]),
     "not_prompt": ([3.5], GREEDY, TypeError, ["request 0", "string or a list of token ids"]),
+    "bool_id": ([[5, True]], GREEDY, TypeError, ["request 0", "integers"]),
+    "string_id": ([[5, "6"]], GREEDY, TypeError, ["request 0", "integers"]),
+    "none_prompt": ([[5], None], GREEDY, TypeError, ["request 1", "string or a list of token ids"]),
+    "nested_ids": ([[[5, 6]]], GREEDY, TypeError, ["request 0", "integers"]),
+    "numpy_id_past_vocab": ([[np.int64(5), np.int64(49216)]], GREEDY, ValueError, ["request 0", "49216"]),
+    "bad_prompt_after_good": ([[5, 6]] * 3 + [[-7]], GREEDY, ValueError, ["request 3", "-7"]),
+    "prompts_not_a_list": ({"a": 1}, GREEDY, TypeError, ["prompts must be a list"]),
 }
 
 
@@ -40,7 +48,8 @@ def test_bad_request_leaves_engine_usable(case, llm, prompts, baseline):
         llm.generate(bad_prompts, params, use_tqdm=False)
     for word in words:
         assert word in str(info.value)
-    assert llm.scheduler.is_finished() and llm.scheduler.allocator.num_sequences == 0
+    alloc = llm.scheduler.allocator
+    assert llm.scheduler.is_finished() and alloc.num_sequences == 0 and alloc.num_free_blocks == alloc.num_blocks
     assert [o.token_ids for o in llm.generate(prompts[:3], GREEDY, use_tqdm=False)] == baseline
 
 
