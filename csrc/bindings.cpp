@@ -11,7 +11,6 @@ using nanovllm::BlockAllocator;
 
 namespace {
 
-// Output arrays are bound with noconvert(): a converted temporary would swallow the writes.
 // Writes each sequence's block table into a row of `out` (int32 [n, width]), padding with `pad`.
 void fill_block_tables(const BlockAllocator& a, const std::vector<int64_t>& seq_ids, py::array_t<int32_t> out, int32_t pad) {
   auto view = out.mutable_unchecked<2>();
@@ -99,6 +98,7 @@ PYBIND11_MODULE(_C, m) {
       .def("is_cached", &BlockAllocator::is_cached, py::arg("block_id"))
       .def("block_hash", &BlockAllocator::block_hash, py::arg("block_id"))
       .def("free_list", &BlockAllocator::free_list)
+      // Output arrays are bound with noconvert(): a converted temporary would swallow the writes.
       .def("fill_block_tables", &fill_block_tables, py::arg("seq_ids"), py::arg("out").noconvert(), py::arg("pad") = -1)
       .def("fill_slots", &fill_slots, py::arg("seq_id"), py::arg("start"), py::arg("end"), py::arg("out").noconvert(),
            py::arg("offset") = 0)

@@ -466,8 +466,8 @@ def test_decode_filled_blocks_become_cacheable():
 def test_every_cached_block_stays_findable():
     """is_cached means "full, computed and findable by its chained hash" (block_allocator.h). Two sequences that
     fill identical blocks (the same prompt allocated twice before a commit, or the same tokens decoded twice)
-    both get hashed; the map keeps the newer. Once that one is evicted, the older one must still serve a hit,
-    or must not claim to be cached (it would also hold an LRU place that an uncached block deserves)."""
+    both get hashed. Once the newer copy is evicted, the older one must still serve a hit, or must not claim to
+    be cached (it would also hold an LRU place that an uncached block deserves)."""
     a = BlockAllocator(4, 8)
     p = list(range(9))
     a.allocate(0, p)
