@@ -107,8 +107,8 @@ def test_sampler_follows_the_distribution():
     from nanovllm.layers.sampler import Sampler
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 1e-9]])).repeat(4000, 1)
     n = logits.shape[0]
-    tokens = Sampler()(logits, torch.ones(n), torch.full((n,), 4), torch.ones(n), torch.arange(n), False, False)
+    tokens = Sampler()(logits, torch.ones(n), torch.full((n,), 4), torch.ones(n), torch.arange(n), filtered=False)
     freq = torch.bincount(tokens, minlength=4).float() / n
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.03)
-    top_p = Sampler()(logits, torch.ones(n), torch.full((n,), 4), torch.full((n,), 0.7), torch.arange(n), False, True)
+    top_p = Sampler()(logits, torch.ones(n), torch.full((n,), 4), torch.full((n,), 0.7), torch.arange(n), filtered=True)
     assert set(top_p.tolist()) == {0, 1}

@@ -267,9 +267,10 @@ def timed_generate(llm: LLM, prompts, params, device: torch.device) -> tuple[int
 
 
 def host_overhead(llm: LLM, batch_size: int, steps: int = 20) -> dict:
-    """Milliseconds per decode step at batch_size: host time (scheduling, input preparation and launches,
+    """Milliseconds per decode step at batch_size: host time (scheduling, input preparation, launches,
     postprocessing) measured with perf_counter around each phase of real steps, against GPU time: the same
-    step's GPU work (captured graph, LM head, sampler) replayed back to back and timed with CUDA events."""
+    step's device work (input copy, captured graph with LM head and sampler, token copy) replayed back to back
+    and timed with CUDA events."""
     runner, scheduler = llm.model_runner, llm.scheduler
     prompts = [[(7 * i + j) % 10000 for j in range(128)] for i in range(batch_size)]
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=steps + 16)
@@ -280,37 +281,39 @@ def host_overhead(llm: LLM, batch_size: int, steps: int = 20) -> dict:
         if not batch.is_prefill:
             break
         scheduler.postprocess(batch, runner.run(batch))
-    sched = prep = post = 0.0
+    scheduler.postprocess(batch, runner.run(batch))
+    sched = prep = launch = post = 0.0
     for _ in range(steps):
         start = time.perf_counter()
         batch = scheduler.schedule()
         scheduled = time.perf_counter()
-        inputs = runner._decode_inputs(batch)
-        tokens = runner._sample(runner.execute(inputs), batch.sampling_seqs)
+        inputs = runner.prepare(batch)
+        prepared = time.perf_counter()
+        runner.launch(inputs)
         launched = time.perf_counter()
-        token_ids = tokens.tolist()
-        synced = time.perf_counter()
+        token_ids = runner.collect(inputs)
+        collected = time.perf_counter()
         scheduler.postprocess(batch, token_ids)
         done = time.perf_counter()
-        sched, prep, post = sched + scheduled - start, prep + launched - scheduled, post + done - synced
+        sched += scheduled - start
+        prep += prepared - scheduled
+        launch += launched - prepared
+        post += done - collected
     assert not batch.is_prefill and len(batch.seqs) == batch_size, "the measured steps must be full decode steps"
 
-    def gpu_work():  # the last step's device part again: its host buffers are unchanged, same KV slots
-        runner._sample(runner.execute(inputs), batch.sampling_seqs)
-
     gpu_ms = 0.0
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # the last step's device part again: same staged inputs, same KV slots
         events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        gpu_work()
+        runner.launch(inputs)
         events[0].record()
         for _ in range(steps):
-            gpu_work()
+            runner.launch(inputs)
         events[1].record()
         events[1].synchronize()
         gpu_ms = events[0].elapsed_time(events[1]) / steps
     scheduler.abort_all()
-    host_ms = {"schedule_ms": 1e3 * sched / steps, "prepare_and_launch_ms": 1e3 * prep / steps,
-               "postprocess_ms": 1e3 * post / steps}
+    host_ms = {"schedule_ms": 1e3 * sched / steps, "prepare_ms": 1e3 * prep / steps,
+               "launch_ms": 1e3 * launch / steps, "postprocess_ms": 1e3 * post / steps}
     host = sum(host_ms.values())
     return {"batch_size": batch_size, **host_ms, "host_ms": host, "gpu_ms": gpu_ms,
             "host_over_gpu": host / gpu_ms if gpu_ms else None}
@@ -463,9 +466,10 @@ def run(args) -> dict:
             peer["ours_over_peer"] = ours.tok_per_s / peer["tok_per_s"]
     print_table(rows, peer, rates)
     for o in overhead or []:
-        print(f"host overhead at batch {o['batch_size']}: schedule {o['schedule_ms']:.3f} ms + prepare/launch "
-              f"{o['prepare_and_launch_ms']:.3f} ms + postprocess {o['postprocess_ms']:.3f} ms = {o['host_ms']:.3f} ms "
-              f"host vs {o['gpu_ms']:.3f} ms GPU per decode step")
+        print(f"host overhead at batch {o['batch_size']}: schedule {o['schedule_ms']:.3f} + prepare "
+              f"{o['prepare_ms']:.3f} + launch {o['launch_ms']:.3f} + postprocess {o['postprocess_ms']:.3f} = "
+              f"{o['host_ms']:.3f} ms host vs {o['gpu_ms']:.3f} ms GPU per decode step "
+              f"({o['host_over_gpu'] or 0:.1%})")
     hf = config.hf_config
     model = {k: getattr(hf, k, None) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",

@@ -7,8 +7,11 @@ import numpy as np
 import torch
 
 import nanovllm_cpp
+from nanovllm_cpp import ops
 from nanovllm.config import Config
 from nanovllm.engine.scheduler import Batch
+from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step_buffers import StepBuffers
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.parallel import building_with
 from nanovllm.layers.sampler import Sampler
@@ -27,14 +30,15 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes))
 
 
-def _mix_seed(seed: int, index: int) -> int:
-    """Host half of the sampler's random stream key: one value per (request seed, token index)."""
-    return ((seed & 0xFFFFFFFF) * 0x9E3779B1 + index * 0x85EBCA6B + (seed >> 32)) & 0xFFFFFFFF
+def mix_seeds(seeds: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Host half of the sampler's random stream keys: one 32-bit value per (request seed, token index).
+    uint64 arithmetic wraps modulo 2**64, which leaves the low 32 bits the key keeps exact."""
+    return ((seeds & 0xFFFFFFFF) * 0x9E3779B1 + indices * 0x85EBCA6B + (seeds >> 32)) & 0xFFFFFFFF
 
 
 @dataclass
 class PrefillInputs:
-    """A prefill step as host arrays: all a tensor-parallel worker needs to run it."""
+    """A prefill step as host arrays: all a tensor-parallel worker needs to run it (with the staged bytes)."""
     input_ids: np.ndarray
     positions: np.ndarray
     slots: np.ndarray
@@ -42,15 +46,26 @@ class PrefillInputs:
     seqlens_k: list[int]
     prefix_slots: np.ndarray | None
     sampling_chunks: list[int]
+    filtered: bool      # some sampled row has top-k / top-p
+    staged_bytes: int   # the leading bytes of the step buffers this step sends
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.sampling_chunks)
 
 
 @dataclass
 class DecodeInputs:
-    """A decode step whose inputs sit in the runner's host buffers (rows of them, the graph's padding included)."""
+    """A decode step whose inputs sit in the runner's step buffers (rows of them, the graph's padding included)."""
     num_seqs: int
     rows: int
     graph_bs: int | None
-    block_table_width: int
+    filtered: bool
+    staged_bytes: int
+
+    @property
+    def num_samples(self) -> int:
+        return self.num_seqs
 
 
 class ModelRunner:
@@ -94,27 +109,19 @@ class ModelRunner:
             self._capture_decode_graphs()
 
     # ---------------------------------------------------------------- buffers and KV cache
-    def _host(self, *shape, dtype) -> torch.Tensor:
-        return torch.zeros(*shape, dtype=dtype, pin_memory=self.device.type == "cuda")
-
     def _allocate_decode_buffers(self) -> None:
         n = self.max_num_seqs
-        # Host side: numpy views of pinned tensors that the allocator's fill_* methods write into.
-        self.h_input_ids = self._host(n, dtype=torch.int64)
-        self.h_positions = self._host(n, dtype=torch.int64)
-        self.h_slots = self._host(n, dtype=torch.int64)
-        self.h_context_lens = self._host(n, dtype=torch.int32)
-        self.h_block_tables = self._host(n, self.max_blocks, dtype=torch.int32)
-        self.h_temperatures = self._host(n, dtype=torch.float32)
-        self.h_keys = self._host(n, dtype=torch.int64)
-        self.h_top_ks = self._host(n, dtype=torch.int64)
-        self.h_top_ps = self._host(n, dtype=torch.float32)
-        # Device side: fixed addresses, so the captured CUDA graphs read them.
-        self.d_input_ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-        self.d_positions = torch.zeros(n, dtype=torch.int64, device=self.device)
-        self.d_slots = torch.full((n,), -1, dtype=torch.int64, device=self.device)
-        self.d_context_lens = torch.zeros(n, dtype=torch.int32, device=self.device)
-        self.d_block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=self.device)
+        self.buffers = StepBuffers(n, self.max_blocks, self.device)
+        self.buffers.h["slots"][:] = -1
+        self.buffers.send(self.buffers.decode_bytes(n))  # padding rows store nothing, even in the warm-ups
+        self.d_tokens = torch.zeros(n, dtype=torch.int64, device=self.device)  # sampled tokens, row order
+        self.h_tokens = torch.zeros(n, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        self.tokens_ready = torch.cuda.Event() if self.device.type == "cuda" else None
+
+    def _decode_context(self, rows: int) -> Context:
+        d = self.buffers.d
+        return Context(False, d["slots"][:rows], context_lens=d["context_lens"][:rows],
+                       block_tables=d["block_tables"][:rows])
 
     @property
     def block_bytes(self) -> int:
@@ -169,7 +176,7 @@ class ModelRunner:
         set_context(Context(True, torch.full((sum(lens),), -1, dtype=torch.int64, device=self.device), cu, cu,
                             max(lens), max(lens), lens, lens))
         hidden = self.model(torch.zeros(sum(lens), dtype=torch.int64, device=self.device), positions)
-        self._warmup_sampler(hidden[cu[1:].long() - 1])
+        self._warmup_filtered_sampler(self.model.compute_logits(hidden[cu[1:].long() - 1]))
         reset_context()
 
     def _warmup_decode(self) -> None:
@@ -179,19 +186,18 @@ class ModelRunner:
                               device=self.device)
         for layer in self.attn_layers:
             layer.k_cache, layer.v_cache = scratch[0], scratch[1]
-        set_context(Context(False, self.d_slots[:n], context_lens=self.d_context_lens[:n],
-                            block_tables=self.d_block_tables[:n]))
-        hidden = self.model(self.d_input_ids[:n], self.d_positions[:n])
-        self._warmup_sampler(hidden)
+        set_context(self._decode_context(n))
+        self._warmup_filtered_sampler(self._decode_forward(n))
         reset_context()
         for layer in self.attn_layers:
             layer.k_cache = layer.v_cache = torch.empty(0)
 
-    def _warmup_sampler(self, hidden: torch.Tensor) -> None:
-        n = hidden.shape[0]
+    def _warmup_filtered_sampler(self, logits: torch.Tensor) -> None:
+        """The top-k / top-p path sorts the logits: the most memory any sampling takes."""
+        n = logits.shape[0]
         ones = torch.ones(n, device=self.device)
-        self.sampler(self.model.compute_logits(hidden), ones, torch.full((n,), 2, device=self.device), ones * 0.9,
-                     torch.zeros(n, dtype=torch.int64, device=self.device), all_greedy=False, filtered=True)
+        self.sampler(logits, ones, torch.full((n,), 2, device=self.device), ones * 0.9,
+                     torch.zeros(n, dtype=torch.int64, device=self.device), filtered=True)
 
     def _allocate_kv_cache(self) -> None:
         shape = (2, len(self.attn_layers), self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
@@ -202,19 +208,25 @@ class ModelRunner:
                  self.num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / (1 << 30))
 
     # ---------------------------------------------------------------- CUDA graphs
+    def _decode_forward(self, rows: int) -> torch.Tensor:
+        """Model, LM head and sampler over the first rows of the step buffers (the body of a decode graph): the
+        tokens land in d_tokens[:rows]; returns the logits (model dtype) for the top-k / top-p path."""
+        d = self.buffers.d
+        logits = self.model.compute_logits(self.model(d["input_ids"][:rows], d["positions"][:rows]))
+        ops.sample_tokens(self.d_tokens[:rows], logits, d["temperatures"][:rows], d["keys"][:rows])
+        return logits
+
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> None:
         self.graph_sizes = graph_batch_sizes(self.max_num_seqs)
-        self.graph_hidden = torch.zeros(self.max_num_seqs, self.config.hf_config.hidden_size, dtype=self.dtype,
-                                        device=self.device)
+        self.graph_logits: dict[int, torch.Tensor] = {}
         pool = None
         for bs in reversed(self.graph_sizes):  # largest first: smaller graphs reuse its pool
-            set_context(Context(False, self.d_slots[:bs], context_lens=self.d_context_lens[:bs],
-                                block_tables=self.d_block_tables[:bs]))
-            self.graph_hidden[:bs] = self.model(self.d_input_ids[:bs], self.d_positions[:bs])  # warm-up
+            set_context(self._decode_context(bs))
+            self._decode_forward(bs)  # warm-up
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):
-                self.graph_hidden[:bs] = self.model(self.d_input_ids[:bs], self.d_positions[:bs])
+                self.graph_logits[bs] = self._decode_forward(bs)
             pool = graph.pool()
             self.graphs[bs] = graph
             torch.cuda.synchronize()
@@ -224,25 +236,76 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> list[int]:
         """Runs the step; returns one sampled token per sequence of batch.sampling_seqs."""
-        logits = self.logits(batch)
-        return self._sample(logits, batch.sampling_seqs).tolist() if batch.sampling_seqs else []
+        inputs = self.prepare(batch)
+        self.launch(inputs)
+        return self.collect(inputs)
 
     @torch.inference_mode()
     def logits(self, batch: Batch) -> torch.Tensor:
-        """float32 [len(batch.sampling_seqs), vocab]: next-token logits (the KV of the step is stored)."""
-        inputs = self._prefill_inputs(batch) if batch.is_prefill else self._decode_inputs(batch)
-        if self.tp is None:
-            return self.execute(inputs)
-        return self.tp.run_step(inputs, self)
+        """float32 [len(batch.sampling_seqs), vocab]: next-token logits (the step runs whole: KV stored, tokens
+        sampled)."""
+        inputs = self.prepare(batch)
+        logits = self.launch(inputs)
+        self.collect(inputs)  # the next step may rewrite the staged inputs only once this one has read them
+        return logits.float()
+
+    def prepare(self, batch: Batch) -> PrefillInputs | DecodeInputs:
+        """The host part of a step: its inputs, in host arrays and the staged step buffers."""
+        return self._prefill_inputs(batch) if batch.is_prefill else self._decode_inputs(batch)
+
+    @torch.inference_mode()
+    def launch(self, inputs: PrefillInputs | DecodeInputs) -> torch.Tensor:
+        """Queues the step's device work (every rank's) and the copy of its tokens to the host; returns the
+        sampled rows' logits."""
+        logits = self.execute(inputs) if self.tp is None else self.tp.run_step(inputs, self)
+        n = inputs.num_samples
+        if n:
+            self.h_tokens[:n].copy_(self.d_tokens[:n], non_blocking=True)
+            if self.tokens_ready is not None:
+                self.tokens_ready.record()
+        return logits
+
+    def collect(self, inputs: PrefillInputs | DecodeInputs) -> list[int]:
+        """Waits for the launched step's tokens."""
+        if self.tokens_ready is not None:
+            self.tokens_ready.synchronize()
+        return self.h_tokens.numpy()[:inputs.num_samples].tolist()
 
     def execute(self, inputs: PrefillInputs | DecodeInputs) -> torch.Tensor:
-        """The device part of a step, run by every tensor-parallel rank in the same order."""
-        hidden = self._run_prefill(inputs) if isinstance(inputs, PrefillInputs) else self._run_decode(inputs)
-        reset_context()
-        return self.model.compute_logits(hidden)
+        """The device part of a step, run by every tensor-parallel rank in the same order: model, LM head and
+        sampler. The tokens land in d_tokens[:inputs.num_samples]; returns those rows' logits (model dtype)."""
+        self.buffers.send(inputs.staged_bytes)
+        d, n = self.buffers.d, inputs.num_samples
+        if isinstance(inputs, PrefillInputs):
+            logits = self.model.compute_logits(self._run_prefill(inputs))
+            reset_context()
+            if n and not inputs.filtered:
+                ops.sample_tokens(self.d_tokens[:n], logits, d["temperatures"][:n], d["keys"][:n])
+        else:
+            logits = self._run_decode(inputs)
+        if inputs.filtered:  # the rare path: on top of the graph's plain sample, which it overrides
+            self.sampler(logits, d["temperatures"][:n], d["top_ks"][:n], d["top_ps"][:n], d["keys"][:n],
+                         filtered=True, out=self.d_tokens[:n])
+        return logits
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         return host.to(self.device, non_blocking=True)
+
+    def _stage_sampling(self, seqs: list[Sequence]) -> bool:
+        """Writes the rows' sampling parameters into the step buffers; returns whether some row uses top-k/top-p."""
+        n, h = len(seqs), self.buffers.h
+        params = [s.params for s in seqs]
+        temperatures = h["temperatures"][:n]
+        temperatures[:] = [p.temperature for p in params]
+        if temperatures.any():
+            seeds = np.fromiter((s.seed for s in seqs), np.uint64, n)
+            indices = np.fromiter((len(s.token_ids) for s in seqs), np.uint64, n)
+            h["keys"][:n] = mix_seeds(seeds, indices)
+        filtered = any(p.top_k != -1 or p.top_p < 1 for p in params)
+        if filtered:
+            h["top_ks"][:n] = [p.top_k if p.top_k != -1 else self.vocab_size for p in params]
+            h["top_ps"][:n] = [p.top_p for p in params]
+        return filtered
 
     def _prefill_inputs(self, batch: Batch) -> PrefillInputs:
         chunks = batch.chunks
@@ -265,8 +328,9 @@ class ModelRunner:
             for chunk in chunks:
                 alloc.fill_slots(chunk.seq.seq_id, 0, chunk.end, prefix_slots, offset)
                 offset += chunk.end
+        filtered = self._stage_sampling(batch.sampling_seqs)
         return PrefillInputs(input_ids, positions, slots, seqlens_q, seqlens_k, prefix_slots,
-                             [i for i, c in enumerate(chunks) if c.samples])
+                             [i for i, c in enumerate(chunks) if c.samples], filtered, self.buffers.sampling_bytes)
 
     def _run_prefill(self, inputs: PrefillInputs) -> torch.Tensor:
         seqlens_q, seqlens_k = inputs.seqlens_q, inputs.seqlens_k
@@ -278,7 +342,8 @@ class ModelRunner:
                             prefix_slots))
         hidden = self.model(self._to_device(torch.from_numpy(inputs.input_ids)),
                             self._to_device(torch.from_numpy(inputs.positions)))
-        return hidden[(cu_q[1:].to(self.device, torch.int64) - 1)[inputs.sampling_chunks]]
+        last = torch.from_numpy(np.cumsum(seqlens_q)[inputs.sampling_chunks] - 1)
+        return hidden[self._to_device(last)]
 
     def _decode_inputs(self, batch: Batch) -> DecodeInputs:
         seqs = batch.seqs
@@ -286,53 +351,27 @@ class ModelRunner:
         ids = [s.seq_id for s in seqs]
         graph_bs = next((bs for bs in self.graph_sizes if bs >= n), None) if self.graphs else None
         rows = graph_bs or n
-        self.h_input_ids.numpy()[:n] = [s.last_token for s in seqs]
-        self.allocator.fill_decode_inputs(ids, self.h_positions.numpy(), self.h_slots.numpy(),
-                                          self.h_context_lens.numpy())
-        self.allocator.fill_block_tables(ids, self.h_block_tables.numpy()[:n], 0)
+        h = self.buffers.h
+        h["input_ids"][:n] = [s.last_token for s in seqs]
+        self.allocator.fill_decode_inputs(ids, h["positions"], h["slots"], h["context_lens"])
+        self.allocator.fill_block_tables(ids, h["block_tables"][:n], 0)
         if rows > n:  # padding rows of a captured graph: nothing stored, no attention
-            self.h_slots[n:rows] = -1
-            self.h_context_lens[n:rows] = 0
-            self.h_input_ids[n:rows] = 0
-            self.h_positions[n:rows] = 0
-        # Only the columns in use: the kernel never reads a table past its context length.
-        width = -(-int(self.h_context_lens.numpy()[:n].max()) // self.block_size)
-        return DecodeInputs(n, rows, graph_bs, width)
+            for name, value in (("slots", -1), ("context_lens", 0), ("input_ids", 0), ("positions", 0)):
+                h[name][n:rows] = value
+        return DecodeInputs(n, rows, graph_bs, self._stage_sampling(seqs), self.buffers.decode_bytes(rows))
 
     def _run_decode(self, inputs: DecodeInputs) -> torch.Tensor:
-        n, rows, width = inputs.num_seqs, inputs.rows, inputs.block_table_width
-        for host, dev in ((self.h_input_ids, self.d_input_ids), (self.h_positions, self.d_positions),
-                          (self.h_slots, self.d_slots), (self.h_context_lens, self.d_context_lens)):
-            dev[:rows].copy_(host[:rows], non_blocking=True)
-        self.d_block_tables[:n, :width].copy_(self.h_block_tables[:n, :width], non_blocking=True)
         if inputs.graph_bs:
             self.graphs[inputs.graph_bs].replay()
-            return self.graph_hidden[:n]
-        set_context(Context(False, self.d_slots[:n], context_lens=self.d_context_lens[:n],
-                            block_tables=self.d_block_tables[:n]))
-        return self.model(self.d_input_ids[:n], self.d_positions[:n])
-
-    def _sample(self, logits: torch.Tensor, seqs) -> torch.Tensor:
-        params = [s.params for s in seqs]
-        all_greedy = all(p.temperature == 0 for p in params)
-        if all_greedy:
-            return self.sampler(logits, None, None, None, None, all_greedy=True, filtered=False)
-        n = len(seqs)
-        filtered = any(p.top_k != -1 or p.top_p < 1 for p in params)
-        # Pinned buffers filled through numpy: no tensor construction per step. Reusing them is safe because
-        # run() waits for the step's tokens before the next step refills them.
-        self.h_temperatures.numpy()[:n] = [p.temperature for p in params]
-        self.h_keys.numpy()[:n] = [_mix_seed(s.seed, len(s)) for s in seqs]
-        top_ks = top_ps = None
-        if filtered:
-            self.h_top_ks.numpy()[:n] = [p.top_k if p.top_k != -1 else self.vocab_size for p in params]
-            self.h_top_ps.numpy()[:n] = [p.top_p for p in params]
-            top_ks, top_ps = self._to_device(self.h_top_ks[:n]), self._to_device(self.h_top_ps[:n])
-        return self.sampler(logits, self._to_device(self.h_temperatures[:n]), top_ks, top_ps,
-                            self._to_device(self.h_keys[:n]), all_greedy=False, filtered=filtered)
+            return self.graph_logits[inputs.graph_bs][:inputs.num_seqs]
+        set_context(self._decode_context(inputs.rows))
+        logits = self._decode_forward(inputs.rows)
+        reset_context()
+        return logits
 
     def close(self) -> None:
         self.graphs.clear()
+        self.graph_logits = {}
         for layer in self.attn_layers:
             layer.k_cache = layer.v_cache = layer.workspace = torch.empty(0)
         del self.kv_cache, self.model, self.workspace

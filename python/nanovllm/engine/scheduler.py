@@ -123,8 +123,9 @@ class Scheduler:
             else:
                 continue
             self.allocator.free(seq.seq_id)
-            self.running.remove(seq)
             finished.append(seq)
+        if finished:  # one pass, not a list.remove per finished sequence
+            self.running = [s for s in self.running if s.finish_reason is None]
         return finished
 
     def abort_all(self) -> None:

@@ -1,11 +1,12 @@
 """Tensor parallelism across processes.
 
-Rank 0, the driver, lives in the user's process: it schedules, prepares each step's inputs and samples. Ranks
-1..N-1 are spawned worker processes that only run the model. Each rank holds its shard of every layer and its
-share of the KV heads; the layers talk over one process group (NCCL on GPUs, rank r on cuda:r; gloo on the
-CPU). A step's inputs reach each worker pickled through its own pipe: no fixed-size buffer, and a worker
-blocked on the pipe sees EOF when the driver goes away. Groups rendezvous through a TCPStore on a free port,
-so several engines can live on one host (or in one process: layers keep their own group, never a global one).
+Rank 0, the driver, lives in the user's process: it schedules, prepares each step's inputs and reads the
+sampled tokens. Ranks 1..N-1 are spawned worker processes that run the same device work (their samples go
+unread). Each rank holds its shard of every layer and its share of the KV heads; the layers talk over one
+process group (NCCL on GPUs, rank r on cuda:r; gloo on the CPU). A step's inputs, with the driver's staged step
+buffers, reach each worker pickled through its own pipe: no fixed-size buffer, and a worker blocked on the pipe
+sees EOF when the driver goes away. Groups rendezvous through a TCPStore on a free port, so several engines can
+live on one host (or in one process: layers keep their own group, never a global one).
 """
 
 import contextlib
@@ -23,7 +24,7 @@ import torch.multiprocessing as mp
 from multiprocessing.connection import wait
 
 from nanovllm.config import Config
-from nanovllm.engine.model_runner import DecodeInputs, ModelRunner
+from nanovllm.engine.model_runner import ModelRunner
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)  # a hung (not dead) rank; a dead one fails at once
 STARTUP_TIMEOUT_S = 300.0
@@ -166,13 +167,8 @@ class TensorParallelDriver(TensorParallelRank):
 
     def _send_step(self, inputs, runner: ModelRunner) -> None:
         self.check_workers()
-        arrays = None
-        if isinstance(inputs, DecodeInputs):  # the driver's host buffers hold this step's rows
-            n, rows, width = inputs.num_seqs, inputs.rows, inputs.block_table_width
-            arrays = [runner.h_input_ids.numpy()[:rows], runner.h_positions.numpy()[:rows],
-                      runner.h_slots.numpy()[:rows], runner.h_context_lens.numpy()[:rows],
-                      runner.h_block_tables.numpy()[:n, :width]]
-        payload = pickle.dumps((inputs, arrays), protocol=pickle.HIGHEST_PROTOCOL)
+        staged = runner.buffers.host.numpy()[:inputs.staged_bytes]  # the step buffers the driver filled
+        payload = pickle.dumps((inputs, staged), protocol=pickle.HIGHEST_PROTOCOL)
         for conn in self.conns:
             conn.send_bytes(payload)
 
@@ -228,13 +224,8 @@ def _worker_main(config: Config, rank: int, size: int, port: int, conn, parent_p
         runner = ModelRunner(config, TensorParallelRank(_process_group(store, rank, size, device), device))
         with torch.inference_mode():
             while payload := conn.recv_bytes():
-                inputs, arrays = pickle.loads(payload)
-                if arrays is not None:
-                    n, width = inputs.num_seqs, inputs.block_table_width
-                    for host, array in zip((runner.h_input_ids, runner.h_positions, runner.h_slots,
-                                            runner.h_context_lens), arrays):
-                        host.numpy()[:len(array)] = array
-                    runner.h_block_tables.numpy()[:n, :width] = arrays[4]
+                inputs, staged = pickle.loads(payload)
+                runner.buffers.load(staged)
                 runner.execute(inputs)
         os._exit(0)  # the stop message: nothing to flush, and no process-group teardown to wait on
     except EOFError:  # the driver closed its end without a stop message: it is gone

@@ -24,15 +24,16 @@ _VARLEN_GQA = "enable_gqa" in _VARLEN_PARAMS
 
 def varlen_causal_attention(q, k, v, ctx: Context, scale: float) -> torch.Tensor:
     """GPU: flash attention over the ragged batch; a query chunk shorter than its keys is aligned to the
-    end of the keys (query i of a chunk after a prefix of p tokens sees keys 0..p+i)."""
-    kwargs = dict(_VARLEN_CAUSAL, scale=scale)
-    if _VARLEN_GQA:
-        kwargs["enable_gqa"] = True
-    elif k.shape[1] != q.shape[1]:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), ctx.cu_seqlens_q, ctx.cu_seqlens_k,
-                       ctx.max_seqlen_q, ctx.max_seqlen_k, **kwargs)
+    end of the keys (query i of a chunk after a prefix of p tokens sees keys 0..p+i). Fewer kv heads than q
+    heads are read as they are, never expanded."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if _VARLEN_GQA or k.shape[1] == q.shape[1]:
+        kwargs = dict(_VARLEN_CAUSAL, scale=scale, **({"enable_gqa": True} if _VARLEN_GQA else {}))
+        return varlen_attn(q, k, v, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k,
+                           **kwargs)
+    # torch < 2.12: varlen_attn refuses GQA, but the flash kernel it calls takes it natively.
+    return torch.ops.aten._flash_attention_forward(q, k, v, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
+                                                   ctx.max_seqlen_k, 0.0, True, False, scale=scale)[0]
 
 
 def sdpa_causal_attention(q, k, v, ctx: Context, scale: float) -> torch.Tensor:

@@ -37,10 +37,11 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of the full vocabulary (gathered across ranks), float32 [tokens, vocab]."""
+        """Logits of the full vocabulary (gathered across ranks), [tokens, vocab] in the model's dtype (a view
+        with the padded row stride: the sampler reads it as it is)."""
         logits = F.linear(hidden, self.weight)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits, group=self.tp_group)
             logits = torch.cat(parts, -1)
-        return logits[:, : self.vocab_size].float()
+        return logits[:, : self.vocab_size]

@@ -14,12 +14,11 @@ from nanovllm_cpp import ops
 
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
-                keys: torch.Tensor, all_greedy: bool, filtered: bool) -> torch.Tensor:
+                keys: torch.Tensor, filtered: bool, out: torch.Tensor | None = None) -> torch.Tensor:
         """logits [n, vocab]; temperatures float32 [n] (0 = greedy); top_ks int64 [n] (vocab = off);
-        top_ps [n]; keys int64 [n]: per-row random stream. Returns int64 [n] token ids."""
-        if all_greedy:
-            return logits.argmax(-1)
-        tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+        top_ps [n]; keys int64 [n]: per-row random stream. Returns int64 [n] token ids (written into out if
+        given). Without filtered, top_ks and top_ps are not read."""
+        tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device) if out is None else out
         if not filtered:
             ops.sample_tokens(tokens, logits, temperatures, keys)
             return tokens
@@ -28,8 +27,8 @@ class Sampler(nn.Module):
         scaled = self._top_k_top_p(logits.float() / torch.where(greedy, 1.0, temperatures).unsqueeze(1), top_ks,
                                    top_ps)
         ops.sample_tokens(tokens, scaled, greedy.logical_not().float(), keys)
-        return torch.where(greedy, logits.argmax(-1), tokens)
-
+        tokens.copy_(torch.where(greedy, logits.argmax(-1), tokens))
+        return tokens
     @staticmethod
     def _top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
         sorted_logits, order = logits.sort(-1, descending=True)

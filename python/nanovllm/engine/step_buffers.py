@@ -1,0 +1,51 @@
+"""A step's device inputs, staged in one pinned host buffer and sent to the device with one copy.
+
+Each field is a region of max_rows rows (block_tables rows are max_blocks_per_seq wide). The host side is a set
+of numpy views that the allocator and the runner fill; the device side is a set of tensor views at fixed
+addresses, which the captured CUDA graphs read. The sampling fields come first, so a prefill sends just them;
+a decode sends everything up to the block-table rows it uses.
+"""
+
+import numpy as np
+import torch
+
+SAMPLING_FIELDS = (("temperatures", torch.float32), ("keys", torch.int64), ("top_ks", torch.int64),
+                   ("top_ps", torch.float32))
+DECODE_FIELDS = (("input_ids", torch.int64), ("positions", torch.int64), ("slots", torch.int64),
+                 ("context_lens", torch.int32))
+ALIGN = 16
+
+
+class StepBuffers:
+    def __init__(self, max_rows: int, max_blocks: int, device: torch.device):
+        self.max_rows, self.max_blocks = max_rows, max_blocks
+        offsets, end = {}, 0
+        for name, dtype in SAMPLING_FIELDS + DECODE_FIELDS + (("block_tables", torch.int32),):
+            offsets[name] = end
+            width = max_blocks if name == "block_tables" else 1
+            end += -(-max_rows * width * dtype.itemsize // ALIGN) * ALIGN
+        self.sampling_bytes = offsets["input_ids"]
+        self._block_tables_offset = offsets["block_tables"]
+        self.host = torch.zeros(end, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self.device_bytes = torch.zeros(end, dtype=torch.uint8, device=device)
+        self.h: dict[str, np.ndarray] = {}
+        self.d: dict[str, torch.Tensor] = {}
+        for name, dtype in SAMPLING_FIELDS + DECODE_FIELDS + (("block_tables", torch.int32),):
+            shape = (max_rows, max_blocks) if name == "block_tables" else (max_rows,)
+            size = int(np.prod(shape)) * dtype.itemsize
+            start = offsets[name]
+            self.h[name] = self.host[start:start + size].view(dtype).view(shape).numpy()
+            self.d[name] = self.device_bytes[start:start + size].view(dtype).view(shape)
+
+    def decode_bytes(self, rows: int) -> int:
+        """Bytes to send for a decode step of `rows` rows: every field, block tables up to that row."""
+        return self._block_tables_offset + rows * self.max_blocks * 4
+
+    def send(self, nbytes: int) -> None:
+        """Copies the first nbytes to the device, behind the work already queued on the current stream. The host
+        side must not be rewritten until that copy is done (the runner waits for each step's tokens first)."""
+        self.device_bytes[:nbytes].copy_(self.host[:nbytes], non_blocking=True)
+
+    def load(self, staged: np.ndarray) -> None:
+        """A tensor-parallel worker: take the driver's staged bytes as this rank's own."""
+        self.host.numpy()[:len(staged)] = staged
