@@ -45,16 +45,20 @@ __global__ void __launch_bounds__(kMaxGroup, 1) rms_norm_kernel(T* out, RowLayou
   const bool live = row < num_rows;  // dead threads still join group_sum
   const int packs = hidden / WIDTH;
 
-  Pack<T, WIDTH> values[PACKS];
+  Pack<T, WIDTH> values[PACKS], weights[PACKS];
   float sum_squares = 0.f;
   if (live) {
-    // x and residual are loaded before the first store: the compiler cannot hoist a load above a store that may
-    // alias it, and the loads in flight together are what hides memory latency.
+    // x, residual and the weight are all loaded before the first store and the reduction: the compiler cannot
+    // hoist a load above a store that may alias it, and loads in flight together pay one memory latency (a weight
+    // load after the reduction was a second one, most of a single row's time).
     const T* x_row = x + row_offset(x_layout, row);
 #pragma unroll
     for (int i = 0; i < PACKS; ++i) {
       const int p = lane + i * group;
-      if (p < packs) values[i] = load_pack<T, WIDTH>(x_row + p * WIDTH);
+      if (p < packs) {
+        values[i] = load_pack<T, WIDTH>(x_row + p * WIDTH);
+        weights[i] = load_pack<T, WIDTH>(weight + p * WIDTH);  // L1/L2-resident: shared by all rows
+      }
     }
     if constexpr (FUSED) {
       T* residual_row = residual + row_offset(residual_layout, row);
@@ -95,11 +99,10 @@ __global__ void __launch_bounds__(kMaxGroup, 1) rms_norm_kernel(T* out, RowLayou
   for (int i = 0; i < PACKS; ++i) {
     const int p = lane + i * group;
     if (p < packs) {
-      const Pack<T, WIDTH> w = load_pack<T, WIDTH>(weight + p * WIDTH);  // L1/L2-resident: shared by all rows
       Pack<T, WIDTH> result;
 #pragma unroll
       for (int j = 0; j < WIDTH; ++j)
-        result.v[j] = from_float<T>(to_float(values[i].v[j]) * inv_rms * to_float(w.v[j]));
+        result.v[j] = from_float<T>(to_float(values[i].v[j]) * inv_rms * to_float(weights[i].v[j]));
       store_pack(out_row + p * WIDTH, result);
     }
   }
