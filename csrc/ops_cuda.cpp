@@ -1,6 +1,6 @@
 // CUDA implementations of store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding and
-// qk_norm_rotary_store (schemas in csrc/torch_bindings.cpp): check the tensors, describe their layouts as plain sizes and strides, and call the
-// launchers of csrc/kernels/. This is the only file of these ops that includes torch headers.
+// qk_norm_rotary_store (schemas in csrc/torch_bindings.cpp): check the tensors, describe their layouts as plain
+// sizes and strides, and call the launchers of csrc/kernels/. This is the only file of these ops that includes torch headers.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

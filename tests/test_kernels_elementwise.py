@@ -253,7 +253,9 @@ def fused_prologue_inputs(tokens: int, head_dim: int, dtype: torch.dtype, layout
     slots = torch.randperm(num_blocks * block_size, device=device)[:tokens]
     slots[torch.rand(tokens, device=device) < 0.2] = -1
     k_cache = torch.full((num_blocks, block_size, KV_HEADS, head_dim), float("nan"), dtype=dtype, device=device)
-    weights = (norm_weight(head_dim, dtype, device), norm_weight(head_dim, dtype, device)) if with_norm else (None, None)
+    weights = (None, None)
+    if with_norm:
+        weights = (norm_weight(head_dim, dtype, device), norm_weight(head_dim, dtype, device))
     cos_sin_cache = reference.rotary_cos_sin_cache(head_dim, max_position, base=1e6).to(device)
     args = (positions, query, key, value, *weights, cos_sin_cache, k_cache, torch.full_like(k_cache, float("nan")),
             slots, EPS)

@@ -1,7 +1,7 @@
 // Plain C++ entry points of the elementwise CUDA kernels (store_kvcache, rms_norm, fused_add_rms_norm,
-// rotary_embedding, qk_norm_rotary_store). They take raw pointers, sizes and strides, so the .cu files need no torch headers; the
-// torch-facing checks live in csrc/ops_cuda.cpp. Strides are in elements (bytes for store_kvcache), the last
-// dim is always contiguous. Each launcher enqueues one kernel on `stream` and returns cudaGetLastError().
+// rotary_embedding, qk_norm_rotary_store). They take raw pointers, sizes and strides, so the .cu files need no
+// torch headers; the torch-facing checks live in csrc/ops_cuda.cpp. Strides are in elements (bytes for
+// store_kvcache), the last dim is always contiguous. Each launcher enqueues one kernel on `stream` and returns cudaGetLastError().
 #pragma once
 
 #include <cuda_runtime_api.h>
