@@ -5,6 +5,11 @@ reference's functional form. Speed is bytes that must move (inputs read once, ou
 median time, also as a fraction of the same-run device copy bandwidth. One buffer set is ~32-200 MB, near the
 50 MB L2, so every timed call takes the next of several input sets (together >= 4x L2): the numbers are HBM
 numbers. Run with `pytest benchmarks/bench_elementwise.py -s`; the table prints at the end.
+
+The `speed` tests time our kernels alone, at 1 token (decode: latency per launch inside a CUDA graph of
+GRAPH_CALLS back-to-back calls, inputs L2-resident as they are after the previous kernel) and at 16K tokens
+(HBM bandwidth): the attention prologue fused (qk_norm_rotary_store) against its four separate launches, and
+the RMSNorms. They use no torch.compile, so they are quick to compare between two builds.
 """
 
 import itertools
@@ -21,6 +26,8 @@ DTYPE = torch.bfloat16
 EPS = 1e-6
 ELEM = torch.tensor([], dtype=DTYPE).element_size()
 QKV_WIDTH = (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM
+GRAPH_CALLS = 28  # one per layer of Qwen3-0.6B
+MAX_POSITION, BLOCK_SIZE = 40960, 16
 
 
 def rotating_sets(make_set, bytes_per_set: int):
@@ -185,3 +192,100 @@ def test_store_kvcache(add_row):
                               key, value, k_cache.view(-1, KV_HEADS, HEAD_DIM), v_cache.view(-1, KV_HEADS, HEAD_DIM),
                               slots))
     add_row(f"store_kvcache [{TOKENS}, {KV_HEADS}, {HEAD_DIM}] x2", sets, 4 * kv_bytes + TOKENS * 8, *times)
+
+
+# ------------------------------------------------------------------------------------- speed: ours, 1 and 16K
+
+
+def graph_us_per_call(fn, calls: int = GRAPH_CALLS) -> float:
+    """Median µs of one fn() inside a CUDA graph of `calls` back-to-back fn() calls (launch gaps included)."""
+    fn()  # first-call setup stays out of the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return cuda_time_ms(graph.replay, warmup=20, iters=200) * 1e3 / calls
+
+
+@pytest.fixture(scope="module")
+def add_speed_row(report, copy_bandwidth_gbps):
+    report(f"\nour kernels alone, bf16, on {torch.cuda.get_device_name()}: 1 token = µs per call in a CUDA graph of "
+           f"{GRAPH_CALLS} back-to-back calls; {TOKENS} tokens = µs per call on rotated input sets (>= 4x L2), "
+           f"GB/s of bytes that must move, copy% of the {copy_bandwidth_gbps:.0f} GB/s copy")
+    report(f"{'kernel':<62}{'tokens':>7}{'us':>9}{'GB/s':>7}{'copy%':>7}")
+
+    def add(name: str, tokens: int, us: float, moved_bytes: int | None = None):
+        bandwidth = "" if moved_bytes is None else (f"{moved_bytes / us / 1e3:>7.0f}"
+                                                     f"{moved_bytes / us / 1e3 / copy_bandwidth_gbps:>7.0%}")
+        report(f"{name:<62}{tokens:>7}{us:>9.2f}{bandwidth}")
+    return add
+
+
+def prologue_set(tokens: int, cos_sin_cache: torch.Tensor):
+    """qk_norm_rotary_store's arguments at the Qwen3-0.6B shape: q/k/v are views of one fused qkv output."""
+    query, key, value = qkv_split(torch.randn(tokens, QKV_WIDTH, device="cuda", dtype=DTYPE))
+    num_blocks = -(-2 * tokens // BLOCK_SIZE)
+    k_cache = torch.empty(num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    positions = torch.randperm(MAX_POSITION, device="cuda")[:tokens]
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device="cuda")[:tokens]
+    q_weight, k_weight = (torch.randn(HEAD_DIM, device="cuda", dtype=DTYPE) for _ in range(2))
+    return (positions, query, key, value, q_weight, k_weight, cos_sin_cache, k_cache, torch.empty_like(k_cache),
+            slots, EPS)
+
+
+def fused_prologue(*args):
+    ops.qk_norm_rotary_store(*args)
+
+
+def separate_prologue(positions, query, key, value, q_weight, k_weight, cos_sin_cache, k_cache, v_cache, slots, eps):
+    ops.rms_norm(query, query, q_weight, eps)
+    ops.rms_norm(key, key, k_weight, eps)
+    ops.rotary_embedding(positions, query, key, cos_sin_cache)
+    ops.store_kvcache(key, value, k_cache, v_cache, slots)
+
+
+PROLOGUES = {"fused": ("qk_norm_rotary_store (1 launch)", fused_prologue),
+             "separate": ("rms_norm q, rms_norm k, rotary, store_kvcache (4)", separate_prologue)}
+
+
+@requires_cuda
+@pytest.mark.parametrize("tokens", [1, TOKENS])
+@pytest.mark.parametrize("variant", list(PROLOGUES))
+def test_prologue_speed(add_speed_row, variant, tokens):
+    cos_sin_cache = reference.rotary_cos_sin_cache(HEAD_DIM, MAX_POSITION, base=1e6).cuda()
+    name, prologue = PROLOGUES[variant]
+    if tokens == 1:
+        args = prologue_set(1, cos_sin_cache)
+        add_speed_row(name, 1, graph_us_per_call(lambda: prologue(*args)))
+        return
+    # q, k, v read; q, k written back; k, v written to the cache; a cos|sin row, a position and a slot per token
+    head_bytes = tokens * HEAD_DIM * ELEM
+    moved = head_bytes * (Q_HEADS + 2 * KV_HEADS + Q_HEADS + KV_HEADS + 2 * KV_HEADS) + tokens * (HEAD_DIM * 4 + 16)
+    set_bytes = head_bytes * (Q_HEADS + 2 * KV_HEADS) + 2 * 2 * head_bytes * KV_HEADS  # qkv + both caches
+    next_set, _ = rotating_sets(lambda: prologue_set(tokens, cos_sin_cache), set_bytes)
+    add_speed_row(name, tokens, cuda_time_ms(lambda: prologue(*next_set())) * 1e3, moved)
+
+
+@requires_cuda
+@pytest.mark.parametrize("tokens", [1, TOKENS])
+@pytest.mark.parametrize("op", ["rms_norm", "fused_add_rms_norm"])
+def test_norm_speed(add_speed_row, op, tokens):
+    weight = torch.randn(HIDDEN, device="cuda", dtype=DTYPE)
+    row_bytes = tokens * HIDDEN * ELEM
+
+    def make_set():
+        return (torch.randn(tokens, HIDDEN, device="cuda", dtype=DTYPE),
+                torch.randn(tokens, HIDDEN, device="cuda", dtype=DTYPE))
+
+    if op == "rms_norm":
+        run, moved = (lambda out, x: ops.rms_norm(out, x, weight, EPS)), 2 * row_bytes + HIDDEN * ELEM
+    else:
+        run, moved = (lambda x, r: ops.fused_add_rms_norm(x, r, weight, EPS)), 4 * row_bytes + HIDDEN * ELEM
+    name = f"{op} [tokens, {HIDDEN}]"
+    if tokens == 1:
+        args = make_set()
+        add_speed_row(name, 1, graph_us_per_call(lambda: run(*args)))
+        return
+    next_set, _ = rotating_sets(make_set, 2 * row_bytes)
+    add_speed_row(name, tokens, cuda_time_ms(lambda: run(*next_set())) * 1e3, moved)

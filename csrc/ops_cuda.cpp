@@ -1,12 +1,13 @@
-// CUDA implementations of store_kvcache, rms_norm, fused_add_rms_norm and rotary_embedding (schemas in
-// csrc/torch_bindings.cpp): check the tensors, describe their layouts as plain sizes and strides, and call the
-// launchers of csrc/kernels/. This is the only file of these ops that includes torch headers.
+// CUDA implementations of store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding and
+// qk_norm_rotary_store (schemas in csrc/torch_bindings.cpp): check the tensors, describe their layouts as plain
+// sizes and strides, and call the launchers of csrc/kernels/. This is the only file of these ops that includes torch headers.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <limits>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -197,6 +198,79 @@ void rotary_embedding(const at::Tensor& positions, const at::Tensor& query, cons
                op);
 }
 
+void qk_norm_rotary_store(const at::Tensor& positions, const at::Tensor& query, const at::Tensor& key,
+                          const at::Tensor& value, const std::optional<at::Tensor>& q_norm_weight,
+                          const std::optional<at::Tensor>& k_norm_weight, const at::Tensor& cos_sin_cache,
+                          const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
+                          double eps) {
+  constexpr const char* op = "qk_norm_rotary_store";
+  check_cuda(query, query, op, "query");
+  for (auto [t, name] : {std::pair{&key, "key"}, {&value, "value"}, {&positions, "positions"},
+                         {&cos_sin_cache, "cos_sin_cache"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"},
+                         {&slot_mapping, "slot_mapping"}})
+    check_cuda(*t, query, op, name);
+  const DType dtype = kernel_dtype(query, op, "query");
+  for (auto [t, name] : {std::pair{&key, "key"}, {&value, "value"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}})
+    check_same_dtype(*t, query, op, name, "query");
+
+  TORCH_CHECK(query.dim() == 3, op, ": query must be [num_tokens, num_q_heads, head_dim], got ", query.sizes());
+  TORCH_CHECK(key.dim() == 3, op, ": key must be [num_tokens, num_kv_heads, head_dim], got ", key.sizes());
+  const int64_t num_tokens = query.size(0);
+  const int64_t head_dim = query.size(2);
+  TORCH_CHECK(key.size(0) == num_tokens && key.size(2) == head_dim, op, ": key has shape ", key.sizes(),
+              ", expected [", num_tokens, ", num_kv_heads, ", head_dim, "] to match query");
+  TORCH_CHECK(value.sizes() == key.sizes(), op, ": value has shape ", value.sizes(), " but key has ", key.sizes());
+  TORCH_CHECK(head_dim >= 2 && head_dim % 2 == 0 && head_dim <= nanovllm::kernels::kQkNormRotaryMaxHeadDim, op,
+              ": head_dim must be even and in 2..", nanovllm::kernels::kQkNormRotaryMaxHeadDim, ", got ", head_dim);
+  for (auto [t, name] : {std::pair{&query, "query"}, {&key, "key"}, {&value, "value"}})
+    TORCH_CHECK(t->stride(2) == 1, op, ": ", name, " must have a contiguous last dim, got strides ", t->strides());
+
+  TORCH_CHECK(q_norm_weight.has_value() == k_norm_weight.has_value(), op,
+              ": pass both q_norm_weight and k_norm_weight (Qwen3) or neither (no q/k norm), got only ",
+              q_norm_weight.has_value() ? "q_norm_weight" : "k_norm_weight");
+  for (auto [weight, name] : {std::pair{&q_norm_weight, "q_norm_weight"}, {&k_norm_weight, "k_norm_weight"}}) {
+    if (!weight->has_value()) continue;
+    const at::Tensor& w = weight->value();
+    check_cuda(w, query, op, name);
+    check_same_dtype(w, query, op, name, "query");
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == head_dim && w.is_contiguous(), op, ": ", name,
+                " must be a contiguous [", head_dim, "] tensor (head_dim), got ", w.sizes());
+  }
+
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == num_tokens &&
+                  positions.is_contiguous(),
+              op, ": positions must be a contiguous int64 [", num_tokens, "] tensor, got ", positions.scalar_type(),
+              " ", positions.sizes());
+  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.dim() == 2 &&
+                  cos_sin_cache.size(1) == head_dim && cos_sin_cache.is_contiguous(),
+              op, ": cos_sin_cache must be a contiguous float32 [max_position, ", head_dim, "] tensor, got ",
+              cos_sin_cache.scalar_type(), " ", cos_sin_cache.sizes());
+  TORCH_CHECK(k_cache.dim() == 4, op, ": k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], got ",
+              k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache has shape ", v_cache.sizes(), " but k_cache has ",
+              k_cache.sizes());
+  TORCH_CHECK(k_cache.size(2) == key.size(1) && k_cache.size(3) == head_dim, op, ": key rows [", key.size(1), ", ",
+              head_dim, "] do not match the cache's [num_kv_heads, head_dim] = [", k_cache.size(2), ", ",
+              k_cache.size(3), "]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, ": k_cache and v_cache must be contiguous");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) == num_tokens && slot_mapping.is_contiguous(),
+              op, ": slot_mapping must be a contiguous int64 [", num_tokens, "] tensor, got ",
+              slot_mapping.scalar_type(), " ", slot_mapping.sizes());
+
+  const c10::cuda::CUDAGuard guard(query.device());
+  const auto head_layout = [](const at::Tensor& t) { return HeadLayout{t.stride(0), t.stride(1)}; };
+  check_launch(nanovllm::kernels::launch_qk_norm_rotary_store(
+                   dtype, positions.data_ptr<int64_t>(), query.data_ptr(), head_layout(query),
+                   checked_int(query.size(1), op, "num_q_heads"), key.data_ptr(), head_layout(key), value.data_ptr(),
+                   head_layout(value), checked_int(key.size(1), op, "num_kv_heads"),
+                   q_norm_weight ? q_norm_weight->data_ptr() : nullptr,
+                   k_norm_weight ? k_norm_weight->data_ptr() : nullptr, cos_sin_cache.data_ptr<float>(),
+                   k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr<int64_t>(), num_tokens,
+                   static_cast<int>(head_dim), static_cast<float>(eps), c10::cuda::getCurrentCUDAStream()),
+               op);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nanovllm_cpp, CUDA, m) {
@@ -204,4 +278,5 @@ TORCH_LIBRARY_IMPL(nanovllm_cpp, CUDA, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm);
   m.impl("rotary_embedding", &rotary_embedding);
+  m.impl("qk_norm_rotary_store", &qk_norm_rotary_store);
 }

@@ -19,6 +19,14 @@ TORCH_LIBRARY(nanovllm_cpp, m) {
   // key: [num_tokens, num_kv_heads, head_dim] (token strides free); positions: int64 [num_tokens];
   // cos_sin_cache: float32 [max_position, head_dim] holding cos in the first half and sin in the second.
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()");
+  // The attention prologue in one launch: if q_norm_weight/k_norm_weight are given (both or neither; Qwen3),
+  // query/key = rms_norm per head ([head_dim] weights, eps), rounded to the dtype; then rotary_embedding of query
+  // and key in place; then store_kvcache(key, value, k_cache, v_cache, slot_mapping). Shapes as in those ops;
+  // value: [num_tokens, num_kv_heads, head_dim] (token stride free).
+  m.def(
+      "qk_norm_rotary_store(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor value, "
+      "Tensor? q_norm_weight, Tensor? k_norm_weight, Tensor cos_sin_cache, Tensor(c!) k_cache, Tensor(d!) v_cache, "
+      "Tensor slot_mapping, float eps) -> ()");
   // One query token per sequence against its paged KV. out, query: [num_seqs, num_q_heads, head_dim];
   // block_tables: int32 [num_seqs, max_blocks_per_seq]; context_lens: int32 [num_seqs] (0 = padding row, its
   // output is left untouched); max_context_len: a host-side bound on context_lens (fixed for a CUDA graph);

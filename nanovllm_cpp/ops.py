@@ -17,8 +17,8 @@ if not CUDA_ENABLED and torch.cuda.is_available():
                   "ops on CUDA tensors will raise. Reinstall with a CUDA build of torch: "
                   "pip install --no-build-isolation .", stacklevel=2)
 _ops = torch.ops.nanovllm_cpp
-_OP_NAMES = ("store_kvcache", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "paged_attention_decode",
-             "sample_tokens")
+_OP_NAMES = ("store_kvcache", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "qk_norm_rotary_store",
+             "paged_attention_decode", "sample_tokens")
 
 
 def _not_built(name):
@@ -65,6 +65,21 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     (see reference.rotary_cos_sin_cache).
     """
     _ops.rotary_embedding(positions, query, key, cos_sin_cache)
+
+
+def qk_norm_rotary_store(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None,
+                         cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor, eps: float) -> None:
+    """The attention prologue in one launch: q/k norm per head, rotary in place, then the KV-cache store.
+
+    If the [head_dim] norm weights are given (both, as in Qwen3; None for neither), query and key heads become
+    rms_norm(head) * weight; then the NeoX rotary of query and key at positions, written back into query/key;
+    then key/value go to k_cache/v_cache at slot_mapping (-1 = skip). The same as rms_norm (in place),
+    rotary_embedding and store_kvcache called in turn; shapes as theirs, query/key/value may be strided views.
+    """
+    _ops.qk_norm_rotary_store(positions, query, key, value, q_norm_weight, k_norm_weight, cos_sin_cache, k_cache,
+                              v_cache, slot_mapping, eps)
 
 
 def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

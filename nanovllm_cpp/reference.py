@@ -69,6 +69,20 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     key.copy_(_rotate(key, cos, sin))
 
 
+def qk_norm_rotary_store(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         q_norm_weight: torch.Tensor | None, k_norm_weight: torch.Tensor | None,
+                         cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor, eps: float) -> None:
+    """The composition the fused kernel implements: per-head q/k norm (rounded to the dtype), rotary, cache store."""
+    if (q_norm_weight is None) != (k_norm_weight is None):
+        raise ValueError("qk_norm_rotary_store: pass both q_norm_weight and k_norm_weight or neither")
+    if q_norm_weight is not None:
+        rms_norm(query, query, q_norm_weight, eps)
+        rms_norm(key, key, k_norm_weight, eps)
+    rotary_embedding(positions, query, key, cos_sin_cache)
+    store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+
+
 def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            max_context_len: int, workspace: torch.Tensor) -> None:

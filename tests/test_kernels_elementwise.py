@@ -1,4 +1,5 @@
-"""CUDA kernels of store_kvcache, rms_norm, fused_add_rms_norm and rotary_embedding against their references.
+"""CUDA kernels of store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding and qk_norm_rotary_store
+against their references.
 
 Each check draws fresh random inputs, poisons outputs with NaN where the op has a separate output, and compares
 with nanovllm_cpp.reference (fp32 math): relative error ||out - ref|| / ||ref|| <= 1e-2 for bf16/fp16 and 1e-5 for
@@ -239,6 +240,193 @@ def test_rotary_embedding_rejects_bad_input():
         ops.rotary_embedding(positions, query, key.half(), cache)
 
 
+# --------------------------------------------------------------------------------------- qk_norm_rotary_store
+
+
+def fused_prologue_inputs(tokens: int, head_dim: int, dtype: torch.dtype, layout: str, with_norm: bool,
+                          device: str = "cuda"):
+    """Arguments of qk_norm_rotary_store with NaN-poisoned caches and ~20% padding slots (-1), plus the qkv storage."""
+    max_position, block_size = 4096, 16
+    qkv, query, key, value = qkv_views(tokens, head_dim, dtype, layout, device)
+    positions = torch.randint(0, max_position, (tokens,), device=device)
+    num_blocks = 2 * tokens // block_size + 3
+    slots = torch.randperm(num_blocks * block_size, device=device)[:tokens]
+    slots[torch.rand(tokens, device=device) < 0.2] = -1
+    k_cache = torch.full((num_blocks, block_size, KV_HEADS, head_dim), float("nan"), dtype=dtype, device=device)
+    weights = (None, None)
+    if with_norm:
+        weights = (norm_weight(head_dim, dtype, device), norm_weight(head_dim, dtype, device))
+    cos_sin_cache = reference.rotary_cos_sin_cache(head_dim, max_position, base=1e6).to(device)
+    args = (positions, query, key, value, *weights, cos_sin_cache, k_cache, torch.full_like(k_cache, float("nan")),
+            slots, EPS)
+    return qkv, args
+
+
+def fp32_prologue(args):
+    """query and key after the reference composition in fp32 (no rounding between norm and rotary)."""
+    positions, query, key, value, q_weight, k_weight, cos_sin_cache, k_cache, v_cache, slots, eps = args
+    query_ref, key_ref = query.to(torch.float32, copy=True), key.to(torch.float32, copy=True)
+    if q_weight is not None:
+        query_ref, key_ref = (reference.rms_norm_fp32(query_ref, q_weight, eps),
+                              reference.rms_norm_fp32(key_ref, k_weight, eps))
+    reference.rotary_embedding(positions, query_ref, key_ref, cos_sin_cache)
+    return query_ref, key_ref
+
+
+def check_fused_prologue(name: str, qkv, args) -> None:
+    positions, query, key, value, q_weight, k_weight, cos_sin_cache, k_cache, v_cache, slots, eps = args
+    query_ref, key_ref = fp32_prologue(args)
+    value_before = value.clone()
+    qkv_before = None if qkv is None else qkv.clone()
+    ops.qk_norm_rotary_store(*args)
+    check_close(f"{name} q", query, query_ref)
+    check_close(f"{name} k", key, key_ref)
+    assert same_bits(value, value_before), "value must not change"
+    if qkv is not None:  # the pad column of unaligned views and the value columns stay as they were
+        untouched = torch.ones(qkv.shape[1], dtype=torch.bool, device=qkv.device)
+        for view in (query, key):
+            start = (view.data_ptr() - qkv.data_ptr()) // qkv.element_size()
+            untouched[start : start + view.shape[1] * view.shape[2]] = False
+        assert same_bits(qkv[:, untouched], qkv_before[:, untouched]), "wrote outside query/key"
+    # The cache holds exactly the rotated key (the same bits as key) and value at live slots; NaN elsewhere.
+    live = slots >= 0
+    k_expected, v_expected = torch.full_like(k_cache, float("nan")), torch.full_like(v_cache, float("nan"))
+    reference.store_kvcache(key[live], value[live], k_expected, v_expected, slots[live])
+    assert same_bits(k_cache, k_expected) and same_bits(v_cache, v_expected), "cache rows differ from key/value"
+
+
+@requires_cuda
+@pytest.mark.parametrize("with_norm", [True, False], ids=["qk_norm", "no_norm"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("tokens", TOKEN_COUNTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_qk_norm_rotary_store(layout, tokens, head_dim, dtype, with_norm):
+    qkv, args = fused_prologue_inputs(tokens, head_dim, dtype, layout, with_norm)
+    check_fused_prologue("qk_norm_rotary_store" + ("" if with_norm else " no norm"), qkv, args)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [32, 96, 256, 512])
+@pytest.mark.parametrize("layout", ["qkv_view", "unaligned_qkv_view"])
+def test_qk_norm_rotary_store_other_head_dims(layout, head_dim, dtype):
+    """Groups that are not a power of two (96), several pairs per lane (512), the scalar path up to 512."""
+    qkv, args = fused_prologue_inputs(37, head_dim, dtype, layout, with_norm=True)
+    check_fused_prologue("qk_norm_rotary_store other head_dim", qkv, args)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_rotary_store_matches_separate_ops(dtype):
+    """The engine may use the fused op or rms_norm + rotary_embedding + store_kvcache: the same roundings, so
+    they differ only where the order of the sum of squares moves one."""
+    qkv, args = fused_prologue_inputs(512, 128, dtype, "qkv_view", with_norm=True)
+    positions, query, key, value, q_weight, k_weight, cos_sin_cache, k_cache, v_cache, slots, eps = args
+    separate = [t.clone() for t in (query, key, k_cache, v_cache)]
+    ops.rms_norm(separate[0], separate[0], q_weight, eps)
+    ops.rms_norm(separate[1], separate[1], k_weight, eps)
+    ops.rotary_embedding(positions, separate[0], separate[1], cos_sin_cache)
+    ops.store_kvcache(separate[1], value, separate[2], separate[3], slots)
+    ops.qk_norm_rotary_store(*args)
+    check_close("qk_norm_rotary_store vs separate ops q", query, separate[0].float())
+    check_close("qk_norm_rotary_store vs separate ops k", key, separate[1].float())
+    if dtype != torch.float32:  # one rounding step of the separate path's inv_rms rarely flips a 16-bit result
+        for fused, alone in zip((query, key), separate[:2]):
+            assert (fused != alone).float().mean() < 0.01
+    assert same_bits(v_cache, separate[3])
+
+
+@requires_cuda
+def test_qk_norm_rotary_store_empty():
+    _, args = fused_prologue_inputs(0, 128, torch.bfloat16, "qkv_view", with_norm=True)
+    ops.qk_norm_rotary_store(*args)
+
+
+@requires_cuda
+def test_qk_norm_rotary_store_cuda_graph():
+    """Captured once on static buffers, replayed on new data, positions and slots: the bits of an eager call."""
+    qkv, args = fused_prologue_inputs(6, 128, torch.bfloat16, "qkv_view", with_norm=True)
+    positions, _, _, _, q_weight, k_weight, _, k_cache, v_cache, slots, _ = args
+    ops.qk_norm_rotary_store(*args)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.qk_norm_rotary_store(*args)
+
+    new_qkv, new_args = fused_prologue_inputs(6, 128, torch.bfloat16, "qkv_view", with_norm=True)
+    qkv.copy_(new_qkv)
+    positions.copy_(new_args[0])
+    slots.copy_(new_args[9])
+    k_cache.fill_(float("nan"))
+    v_cache.fill_(float("nan"))
+    graph.replay()
+    ops.qk_norm_rotary_store(*new_args[:4], q_weight, k_weight, *new_args[6:])
+    torch.cuda.synchronize()
+    assert same_bits(qkv, new_qkv)
+    assert same_bits(k_cache, new_args[7]) and same_bits(v_cache, new_args[8])
+
+
+@requires_cuda
+def test_qk_norm_rotary_store_rejects_bad_input():
+    _, args = fused_prologue_inputs(4, 64, torch.bfloat16, "qkv_view", with_norm=True)
+    positions, query, key, value, q_weight, k_weight, cache, k_cache, v_cache, slots, eps = args
+
+    def call(**changes):
+        named = dict(positions=positions, query=query, key=key, value=value, q_norm_weight=q_weight,
+                     k_norm_weight=k_weight, cos_sin_cache=cache, k_cache=k_cache, v_cache=v_cache,
+                     slot_mapping=slots, eps=eps)
+        named.update(changes)
+        ops.qk_norm_rotary_store(**named)
+
+    with pytest.raises(RuntimeError, match="pass both q_norm_weight and k_norm_weight"):
+        call(k_norm_weight=None)
+    with pytest.raises(RuntimeError, match=r"k_norm_weight must be a contiguous \[64\]"):
+        call(k_norm_weight=torch.ones(128, dtype=torch.bfloat16, device="cuda"))
+    with pytest.raises(RuntimeError, match="q_norm_weight has dtype"):
+        call(q_norm_weight=q_weight.float())
+    with pytest.raises(RuntimeError, match="query has dtype Int"):
+        call(query=query.int(), key=key.int(), value=value.int())
+    with pytest.raises(RuntimeError, match="value has shape"):
+        call(value=value[:, :4])
+    with pytest.raises(RuntimeError, match="k_cache has dtype"):
+        call(k_cache=k_cache.half(), v_cache=v_cache.half())
+    with pytest.raises(RuntimeError, match="do not match the cache"):
+        call(k_cache=k_cache[..., :32], v_cache=v_cache[..., :32])
+    with pytest.raises(RuntimeError, match="slot_mapping must be a contiguous int64"):
+        call(slot_mapping=slots.int())
+    with pytest.raises(RuntimeError, match="positions must be a contiguous int64"):
+        call(positions=positions[:2])
+    with pytest.raises(RuntimeError, match="cos_sin_cache must be a contiguous float32"):
+        call(cos_sin_cache=cache.double())
+    with pytest.raises(RuntimeError, match="key must be a CUDA tensor"):
+        call(key=key.cpu())
+    with pytest.raises(RuntimeError, match="head_dim must be even and in 2..512"):
+        big = torch.randn(4, Q_HEADS, 1024, dtype=torch.bfloat16, device="cuda")
+        big_kv = torch.randn(4, KV_HEADS, 1024, dtype=torch.bfloat16, device="cuda")
+        big_cache = torch.zeros(1, 16, KV_HEADS, 1024, dtype=torch.bfloat16, device="cuda")
+        call(query=big, key=big_kv, value=big_kv, q_norm_weight=None, k_norm_weight=None,
+             cos_sin_cache=reference.rotary_cos_sin_cache(1024, 8, base=1e4).cuda(), k_cache=big_cache,
+             v_cache=big_cache.clone(), positions=torch.arange(4, device="cuda"))
+
+
+def test_qk_norm_rotary_store_reference_is_the_composition():
+    """On the CPU (CI) the op is its reference: exactly rms_norm in place, rotary_embedding, store_kvcache."""
+    for with_norm in (True, False):
+        _, args = fused_prologue_inputs(9, 64, torch.bfloat16, "qkv_view", with_norm, device="cpu")
+        positions, query, key, value, q_weight, k_weight, cos_sin_cache, k_cache, v_cache, slots, eps = args
+        expected = [t.clone() for t in (query, key, k_cache, v_cache)]
+        if with_norm:
+            ops.rms_norm(expected[0], expected[0], q_weight, eps)
+            ops.rms_norm(expected[1], expected[1], k_weight, eps)
+        ops.rotary_embedding(positions, expected[0], expected[1], cos_sin_cache)
+        ops.store_kvcache(expected[1], value, expected[2], expected[3], slots)
+        ops.qk_norm_rotary_store(*args)
+        for got, want in zip((query, key, k_cache, v_cache), expected):
+            assert same_bits(got, want)
+    with pytest.raises(ValueError, match="both q_norm_weight and k_norm_weight"):
+        ops.qk_norm_rotary_store(*args[:4], norm_weight(64, torch.bfloat16, "cpu"), None, *args[6:])
+
+
 # ------------------------------------------------------------------------------------------------- opcheck
 
 
@@ -276,3 +464,13 @@ def test_opcheck_rotary_embedding(device):
     cache = reference.rotary_cos_sin_cache(64, 32, base=1e4).to(device)
     positions = torch.randint(0, 32, (5,), device=device)
     torch.library.opcheck(torch.ops.nanovllm_cpp.rotary_embedding.default, (positions, query, key, cache))
+
+
+@pytest.mark.parametrize("with_norm", [True, False], ids=["qk_norm", "no_norm"])
+@pytest.mark.parametrize("device", _devices())
+def test_opcheck_qk_norm_rotary_store(device, with_norm):
+    _, args = fused_prologue_inputs(5, 64, torch.bfloat16, "qkv_view", with_norm, device)
+    k_cache, v_cache = args[7], args[8]
+    k_cache.zero_()  # opcheck compares the outputs of several runs: no NaN poison
+    v_cache.zero_()
+    torch.library.opcheck(torch.ops.nanovllm_cpp.qk_norm_rotary_store.default, args)

@@ -1,7 +1,7 @@
 // Plain C++ entry points of the elementwise CUDA kernels (store_kvcache, rms_norm, fused_add_rms_norm,
-// rotary_embedding). They take raw pointers, sizes and strides, so the .cu files need no torch headers; the
-// torch-facing checks live in csrc/ops_cuda.cpp. Strides are in elements (bytes for store_kvcache), the last
-// dim is always contiguous. Each launcher enqueues one kernel on `stream` and returns cudaGetLastError().
+// rotary_embedding, qk_norm_rotary_store). They take raw pointers, sizes and strides, so the .cu files need no
+// torch headers; the torch-facing checks live in csrc/ops_cuda.cpp. Strides are in elements (bytes for
+// store_kvcache), the last dim is always contiguous. Each launcher enqueues one kernel on `stream` and returns cudaGetLastError().
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -50,5 +50,20 @@ cudaError_t launch_rotary_embedding(DType dtype, const int64_t* positions, void*
                                     int num_q_heads, void* key, HeadLayout key_layout, int num_kv_heads,
                                     const float* cos_sin_cache, int64_t num_tokens, int head_dim,
                                     cudaStream_t stream);
+
+// Largest head_dim of qk_norm_rotary_store (a head's rotary pairs fit one warp's registers).
+inline constexpr int kQkNormRotaryMaxHeadDim = 512;
+
+// The attention prologue in one launch, per token t: if q_norm_weight/k_norm_weight are given (both or neither),
+// each query/key head = rms_norm(head) * weight (rounded to the dtype); then the rotary embedding of query and key
+// at positions[t], in place (as launch_rotary_embedding); then k_cache/v_cache row slot_mapping[t] = key/value[t]
+// (as launch_store_kvcache; slot -1 skips). Caches: contiguous [slots, num_kv_heads, head_dim]; layouts in
+// elements; value has num_kv_heads heads like key.
+cudaError_t launch_qk_norm_rotary_store(DType dtype, const int64_t* positions, void* query, HeadLayout query_layout,
+                                        int num_q_heads, void* key, HeadLayout key_layout, const void* value,
+                                        HeadLayout value_layout, int num_kv_heads, const void* q_norm_weight,
+                                        const void* k_norm_weight, const float* cos_sin_cache, void* k_cache,
+                                        void* v_cache, const int64_t* slot_mapping, int64_t num_tokens,
+                                        int head_dim, float eps, cudaStream_t stream);
 
 }  // namespace nanovllm::kernels
