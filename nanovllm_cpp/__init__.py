@@ -37,6 +37,7 @@ from nanovllm_cpp.ops import (
     paged_attention_decode,
     paged_attention_workspace,
     paged_attention_workspace_size,
+    qk_norm_rotary_store,
     rms_norm,
     rotary_embedding,
     store_kvcache,
@@ -44,6 +45,7 @@ from nanovllm_cpp.ops import (
 
 __all__ = [
     "AllocatorStats", "BlockAllocator", "OutOfBlocksError", "CUDA_ENABLED", "fused_add_rms_norm",
-    "paged_attention_decode", "paged_attention_workspace", "paged_attention_workspace_size", "rms_norm",
+    "paged_attention_decode", "paged_attention_workspace", "paged_attention_workspace_size", "qk_norm_rotary_store",
+    "rms_norm",
     "rotary_embedding", "store_kvcache",
 ]

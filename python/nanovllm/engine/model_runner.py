@@ -1,5 +1,6 @@
 """Owns the model, the KV cache and the device buffers; turns a scheduled batch into sampled token ids."""
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -165,32 +166,41 @@ class ModelRunner:
                 "Raise gpu_memory_utilization or lower max_num_batched_tokens / max_num_seqs.")
         return blocks
 
+    @contextlib.contextmanager
+    def _scratch_kv_cache(self):
+        """A one-block cache for the warm-ups, which run before the real one exists: every slot they use is -1
+        (nothing stored) and every decode row has context 0 (nothing read)."""
+        scratch = torch.zeros(2, 1, self.block_size, self.num_kv_heads, self.head_dim, dtype=self.dtype,
+                              device=self.device)
+        for layer in self.attn_layers:
+            layer.k_cache, layer.v_cache = scratch[0], scratch[1]
+        try:
+            yield
+        finally:
+            reset_context()
+            for layer in self.attn_layers:
+                layer.k_cache = layer.v_cache = torch.empty(0)
+
     def _warmup_prefill(self) -> None:
-        """The largest prefill the scheduler can issue: max_num_batched_tokens tokens, no KV stored."""
+        """The largest prefill the scheduler can issue: max_num_batched_tokens tokens."""
         total = self.config.max_num_batched_tokens
         num_seqs = min(self.max_num_seqs, -(-total // self.config.max_model_len))
         lens = [total // num_seqs + (i < total % num_seqs) for i in range(num_seqs)]
         lens = [n for n in lens if n > 0]
         cu = torch.tensor(np.cumsum([0] + lens), dtype=torch.int32, device=self.device)
         positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
-        set_context(Context(True, torch.full((sum(lens),), -1, dtype=torch.int64, device=self.device), cu, cu,
-                            max(lens), max(lens), lens, lens))
-        hidden = self.model(torch.zeros(sum(lens), dtype=torch.int64, device=self.device), positions)
-        self._warmup_filtered_sampler(self.model.compute_logits(hidden[cu[1:].long() - 1]))
-        reset_context()
+        with self._scratch_kv_cache():
+            set_context(Context(True, torch.full((sum(lens),), -1, dtype=torch.int64, device=self.device), cu, cu,
+                                max(lens), max(lens), lens, lens))
+            hidden = self.model(torch.zeros(sum(lens), dtype=torch.int64, device=self.device), positions)
+            self._warmup_filtered_sampler(self.model.compute_logits(hidden[cu[1:].long() - 1]))
 
     def _warmup_decode(self) -> None:
-        """The largest decode step; every row is padding (context 0) so a one-block scratch cache will do."""
+        """The largest decode step, every row padding."""
         n = self.max_num_seqs
-        scratch = torch.zeros(2, 1, self.block_size, self.num_kv_heads, self.head_dim, dtype=self.dtype,
-                              device=self.device)
-        for layer in self.attn_layers:
-            layer.k_cache, layer.v_cache = scratch[0], scratch[1]
-        set_context(self._decode_context(n))
-        self._warmup_filtered_sampler(self._decode_forward(n))
-        reset_context()
-        for layer in self.attn_layers:
-            layer.k_cache = layer.v_cache = torch.empty(0)
+        with self._scratch_kv_cache():
+            set_context(self._decode_context(n))
+            self._warmup_filtered_sampler(self._decode_forward(n))
 
     def _warmup_filtered_sampler(self, logits: torch.Tensor) -> None:
         """The top-k / top-p path sorts the logits: the most memory any sampling takes."""

@@ -63,10 +63,8 @@ class Attention(nn.Module):
         self.max_context_len = 0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim] of the new tokens."""
+        """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim] of the new tokens, already in the cache."""
         ctx = get_context()
-        if self.k_cache.numel():
-            nanovllm_cpp.store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         if ctx.is_prefill:
             if ctx.prefix_slots is not None:  # some sequence has cached tokens: take everyone's keys from the cache
                 k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.prefix_slots]

@@ -1,19 +1,15 @@
-import torch
 from torch import nn
 
-import nanovllm_cpp
 from nanovllm_cpp.reference import rotary_cos_sin_cache
 
 
 class RotaryEmbedding(nn.Module):
+    """The cos/sin table of the NeoX rotary embedding (applied by nanovllm_cpp.qk_norm_rotary_store)."""
+
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None):
         super().__init__()
         self.register_buffer("cos_sin_cache", rotary_cos_sin_cache(head_dim, max_position, base, scaling),
                              persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
-        """q: [tokens, q_heads, head_dim], k: [tokens, kv_heads, head_dim], rotated in place."""
-        nanovllm_cpp.rotary_embedding(positions, q, k, self.cos_sin_cache)
 
 
 def rope_settings(hf_config) -> tuple[float, dict | None]:

@@ -3,12 +3,15 @@
 import torch
 from torch import nn
 
+import nanovllm_cpp
+
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary import RotaryEmbedding, rope_settings
+from nanovllm.utils.context import get_context
 
 
 def head_dim_of(config) -> int:
@@ -30,15 +33,18 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim ** -0.5)
         self.q_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
+        self.norm_eps = config.rms_norm_eps
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        self.rotary_emb(positions, q, k)
+        # q/k norm, rotary and the KV-cache store in one launch; q and k are rotated in place for attention.
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+        nanovllm_cpp.qk_norm_rotary_store(positions, q, k, v, *norms, self.rotary_emb.cos_sin_cache,
+                                          self.attn.k_cache, self.attn.v_cache, get_context().slot_mapping,
+                                          self.norm_eps)
         out = self.attn(q, k, v)
         return self.o_proj(out.flatten(1, 2))
 
