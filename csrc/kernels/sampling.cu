@@ -4,7 +4,12 @@
 // -log(u_v), where u_v is a counter-based hash of (the row's key, v). So a row needs no softmax, no random-number
 // state and no [rows, vocab] noise tensor: one block per row reads its logits once (16-byte loads), each thread
 // keeps its best (score, index), and a block reduce picks the winner (ties to the lowest index, like torch.argmax).
+// A few rows alone would leave most SMs idle while one block walks 150K logits: on Hopper each row then gets a
+// cluster of blocks, each taking an interleaved slice of the row, and block 0 of the cluster reduces the others'
+// winners through distributed shared memory (no scratch buffer, one launch).
 // The same function is nanovllm_cpp.reference.sample_tokens, bit for bit up to the last ulp of logf.
+#include <cooperative_groups.h>
+
 #include <cfloat>
 #include <climits>
 
@@ -15,6 +20,7 @@ namespace nanovllm::kernels {
 namespace {
 
 constexpr int kThreads = 1024;
+constexpr int kMaxSlices = 8;  // blocks per row: the portable cluster size limit
 
 // The 32-bit xor-shift-multiply hash of the reference (nanovllm.layers.sampler.mix32).
 __device__ __forceinline__ uint32_t mix32(uint32_t x) {
@@ -40,12 +46,13 @@ __device__ __forceinline__ Best warp_best(Best b) {
   return b;
 }
 
+// Block b serves row b / slices and its slice b % slices; slices > 1 only in clusters of `slices` blocks.
 template <typename T, bool VECTOR>
 __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(int64_t* __restrict__ out,
                                                                  const T* __restrict__ logits, int64_t row_stride,
                                                                  int vocab, const float* __restrict__ temperatures,
-                                                                 const int64_t* __restrict__ keys) {
-  const int row = blockIdx.x;
+                                                                 const int64_t* __restrict__ keys, int slices) {
+  const int row = blockIdx.x / slices, slice = blockIdx.x % slices;
   const T* row_logits = logits + row * row_stride;
   const float temperature = temperatures[row];
   const bool greedy = temperature == 0.f;
@@ -64,16 +71,17 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(int64_t* __rest
   };
 
   constexpr int kWidth = VECTOR ? kElemsPer16B<T> : 1;
-  const int packs = vocab / kWidth;
-  for (int p = threadIdx.x; p < packs; p += kThreads) {
+  const int packs = vocab / kWidth, first = slice * kThreads + threadIdx.x, stride = slices * kThreads;
+  for (int p = first; p < packs; p += stride) {
     const Pack<T, kWidth> pack = load_pack<T, kWidth>(row_logits + p * kWidth);
 #pragma unroll
     for (int i = 0; i < kWidth; ++i) consider(to_float(pack.v[i]), p * kWidth + i);
   }
-  for (int v = packs * kWidth + threadIdx.x; v < vocab; v += kThreads) consider(to_float(row_logits[v]), v);
+  for (int v = packs * kWidth + first; v < vocab; v += stride) consider(to_float(row_logits[v]), v);
 
   __shared__ float warp_scores[kThreads / 32];
   __shared__ int warp_indices[kThreads / 32];
+  __shared__ Best block_best;
   best = warp_best(best);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
@@ -84,9 +92,60 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(int64_t* __rest
   if (warp == 0) {
     best = {warp_scores[lane], warp_indices[lane]};
     best = warp_best(best);
-    // A row of NaNs only: no score compares greater, fall back to token 0 rather than an out-of-range id.
-    if (lane == 0) out[row] = best.index == INT_MAX ? 0 : best.index;
+    if (lane == 0) block_best = best;
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (slices > 1) {
+    namespace cg = cooperative_groups;
+    const cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();  // every block's winner is in its shared memory
+    if (slice == 0 && threadIdx.x == 0)
+      for (int other = 1; other < slices; ++other)
+        block_best = better(block_best, *cluster.map_shared_rank(&block_best, other));
+    cluster.sync();  // the others' shared memory stays alive until block 0 has read it
+  }
+#endif
+  // A row of NaNs only: no score compares greater, fall back to token 0 rather than an out-of-range id.
+  if (slice == 0 && threadIdx.x == 0) out[row] = block_best.index == INT_MAX ? 0 : block_best.index;
+}
+
+// Blocks per row: 1, or (Hopper and later) the power of two that brings the grid closest to one block per SM.
+int slices_per_row(int rows) {
+  constexpr int kMaxDevices = 64;
+  static int compute_major[kMaxDevices], sm_count[kMaxDevices];  // 0 = not asked yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return 1;
+  if (compute_major[device] == 0) {
+    cudaDeviceGetAttribute(&sm_count[device], cudaDevAttrMultiProcessorCount, device);
+    cudaDeviceGetAttribute(&compute_major[device], cudaDevAttrComputeCapabilityMajor, device);
+  }
+  if (compute_major[device] < 9) return 1;
+  int slices = 1;
+  while (slices < kMaxSlices && rows * slices * 2 <= sm_count[device]) slices *= 2;
+  return slices;
+}
+
+template <typename T, bool VECTOR>
+cudaError_t launch(int64_t* out, const T* logits, int64_t row_stride, int rows, int vocab, const float* temperatures,
+                   const int64_t* keys, cudaStream_t stream) {
+  const int slices = slices_per_row(rows);
+  if (slices == 1) {
+    sample_tokens_kernel<T, VECTOR><<<rows, kThreads, 0, stream>>>(out, logits, row_stride, vocab, temperatures, keys,
+                                                                  1);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = slices;
+  cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(rows * slices);
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, sample_tokens_kernel<T, VECTOR>, out, logits, row_stride, vocab, temperatures,
+                            keys, slices);
 }
 
 }  // namespace
@@ -94,16 +153,15 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(int64_t* __rest
 cudaError_t launch_sample_tokens(int64_t* out, const void* logits, DType dtype, int64_t row_stride, int rows,
                                  int vocab, const float* temperatures, const int64_t* keys, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
+  cudaError_t status = cudaSuccess;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* typed = static_cast<const T*>(logits);
     const bool aligned = is_aligned16(typed) && row_stride % kElemsPer16B<T> == 0;
-    if (aligned)
-      sample_tokens_kernel<T, true><<<rows, kThreads, 0, stream>>>(out, typed, row_stride, vocab, temperatures, keys);
-    else
-      sample_tokens_kernel<T, false><<<rows, kThreads, 0, stream>>>(out, typed, row_stride, vocab, temperatures, keys);
+    status = aligned ? launch<T, true>(out, typed, row_stride, rows, vocab, temperatures, keys, stream)
+                     : launch<T, false>(out, typed, row_stride, rows, vocab, temperatures, keys, stream);
   });
-  return cudaGetLastError();
+  return status;
 }
 
 }  // namespace nanovllm::kernels

@@ -235,7 +235,8 @@ class ModelRunner:
             set_context(self._decode_context(bs))
             self._decode_forward(bs)  # warm-up
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
+            with torch.cuda.graph(graph, pool):  # the staged inputs' copy too: one replay is the whole launch
+                self.buffers.send(self.buffers.decode_bytes(bs))
                 self.graph_logits[bs] = self._decode_forward(bs)
             pool = graph.pool()
             self.graphs[bs] = graph
@@ -284,15 +285,21 @@ class ModelRunner:
     def execute(self, inputs: PrefillInputs | DecodeInputs) -> torch.Tensor:
         """The device part of a step, run by every tensor-parallel rank in the same order: model, LM head and
         sampler. The tokens land in d_tokens[:inputs.num_samples]; returns those rows' logits (model dtype)."""
-        self.buffers.send(inputs.staged_bytes)
         d, n = self.buffers.d, inputs.num_samples
         if isinstance(inputs, PrefillInputs):
+            self.buffers.send(inputs.staged_bytes)
             logits = self.model.compute_logits(self._run_prefill(inputs))
             reset_context()
             if n and not inputs.filtered:
                 ops.sample_tokens(self.d_tokens[:n], logits, d["temperatures"][:n], d["keys"][:n])
+        elif inputs.graph_bs:
+            self.graphs[inputs.graph_bs].replay()  # it sends the staged inputs itself
+            logits = self.graph_logits[inputs.graph_bs][:n]
         else:
-            logits = self._run_decode(inputs)
+            self.buffers.send(inputs.staged_bytes)
+            set_context(self._decode_context(inputs.rows))
+            logits = self._decode_forward(inputs.rows)
+            reset_context()
         if inputs.filtered:  # the rare path: on top of the graph's plain sample, which it overrides
             self.sampler(logits, d["temperatures"][:n], d["top_ks"][:n], d["top_ps"][:n], d["keys"][:n],
                          filtered=True, out=self.d_tokens[:n])
@@ -369,15 +376,6 @@ class ModelRunner:
             for name, value in (("slots", -1), ("context_lens", 0), ("input_ids", 0), ("positions", 0)):
                 h[name][n:rows] = value
         return DecodeInputs(n, rows, graph_bs, self._stage_sampling(seqs), self.buffers.decode_bytes(rows))
-
-    def _run_decode(self, inputs: DecodeInputs) -> torch.Tensor:
-        if inputs.graph_bs:
-            self.graphs[inputs.graph_bs].replay()
-            return self.graph_logits[inputs.graph_bs][:inputs.num_seqs]
-        set_context(self._decode_context(inputs.rows))
-        logits = self._decode_forward(inputs.rows)
-        reset_context()
-        return logits
 
     def close(self) -> None:
         self.graphs.clear()
