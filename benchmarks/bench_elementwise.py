@@ -9,7 +9,8 @@ numbers. Run with `pytest benchmarks/bench_elementwise.py -s`; the table prints 
 The `speed` tests time our kernels alone, at 1 token (decode: latency per launch inside a CUDA graph of
 GRAPH_CALLS back-to-back calls, inputs L2-resident as they are after the previous kernel) and at 16K tokens
 (HBM bandwidth): the attention prologue fused (qk_norm_rotary_store) against its four separate launches, and
-the RMSNorms. They use no torch.compile, so they are quick to compare between two builds.
+the RMSNorms, and silu_and_mul against torch's two kernels at 1, 256 and 16K tokens of the MLP width. They use no
+torch.compile, so they are quick to compare between two builds.
 """
 
 import itertools
@@ -288,4 +289,32 @@ def test_norm_speed(add_speed_row, op, tokens):
         add_speed_row(name, 1, graph_us_per_call(lambda: run(*args)))
         return
     next_set, _ = rotating_sets(make_set, 2 * row_bytes)
+    add_speed_row(name, tokens, cuda_time_ms(lambda: run(*next_set())) * 1e3, moved)
+
+
+MLP_WIDTH = 3072  # Qwen3-0.6B intermediate size
+
+
+@requires_cuda
+@pytest.mark.parametrize("tokens", [1, 256, TOKENS])
+@pytest.mark.parametrize("variant", ["silu_and_mul", "torch"])
+def test_silu_and_mul_speed(add_speed_row, variant, tokens):
+    # Below 16K tokens the input is L2-resident, as it is right after the gate/up GEMM: timed inside a graph.
+    def make_set():
+        return (torch.empty(tokens, MLP_WIDTH, device="cuda", dtype=DTYPE),
+                torch.randn(tokens, 2 * MLP_WIDTH, device="cuda", dtype=DTYPE))
+
+    if variant == "silu_and_mul":
+        name, run = f"silu_and_mul [tokens, 2 x {MLP_WIDTH}]", ops.silu_and_mul
+    else:
+        name = f"torch F.silu(gate) * up [tokens, 2 x {MLP_WIDTH}]"
+
+        def run(out, x):
+            torch.mul(torch.nn.functional.silu(x[:, :MLP_WIDTH]), x[:, MLP_WIDTH:], out=out)
+    moved = 3 * tokens * MLP_WIDTH * ELEM
+    if tokens < TOKENS:
+        args = make_set()
+        add_speed_row(name, tokens, graph_us_per_call(lambda: run(*args)), moved)
+        return
+    next_set, _ = rotating_sets(make_set, moved)
     add_speed_row(name, tokens, cuda_time_ms(lambda: run(*next_set())) * 1e3, moved)

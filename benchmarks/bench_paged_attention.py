@@ -22,7 +22,7 @@ ROTATE_BYTES = 256 * 2**20  # > 5x the H100's 50 MB L2
 _header_printed: list[bool] = []
 
 CASES = [  # (batch, context, block_size, max_context_len is 40960)
-    (256, 1024, 16, False), (256, 1024, 16, True),
+    (256, 1024, 16, False), (256, 1024, 16, True), (256, 512, 16, False), (64, 1024, 16, False),
     (64, 4096, 16, False), (64, 4096, 16, True),
     (1, 32768, 16, False), (1, 32768, 16, True),
     (1, 1024, 16, False), (1, 1024, 16, True),
@@ -101,3 +101,37 @@ def test_paged_attention_decode(batch, context, block_size, graph_bound, copy_ba
     report(f"{batch:>5} {context:>6} {block_size:>4} {max_context_len:>7} {ms:>8.4f} {gbps:>6.0f} "
            f"{gbps / copy_bandwidth_gbps:>7.1%} {sdpa_ms:>8.4f} {sdpa_ms / ms:>6.2f}x {ref_ms:>8.3f} "
            f"{ref_ms / ms:>6.0f}x {error:>8.1e}")
+
+
+DECODE_LAYERS, DECODE_MAX_CONTEXT = 28, 2048
+
+
+@requires_cuda
+@pytest.mark.parametrize("context", [128, 512, 1024, 2048])
+def test_decode_graph_per_layer(context, report):
+    """Batch-1 decode as the engine runs it: a CUDA graph of 28 layers, each with its own cache, all launched for
+    max_context_len 2048. µs per layer = graph time / 28 (launch gaps included)."""
+    torch.manual_seed(0)
+    blocks = -(-context // 16)
+    table = torch.arange(blocks, dtype=torch.int32, device="cuda")
+    table = torch.cat([table, table.new_zeros(DECODE_MAX_CONTEXT // 16 - blocks)]).view(1, -1)
+    lens = torch.full((1,), context, dtype=torch.int32, device="cuda")
+    out = torch.empty(1, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    workspace = ops.paged_attention_workspace(1, NUM_Q_HEADS, HEAD_DIM, DECODE_MAX_CONTEXT, "cuda")
+    layers = [(torch.randn(1, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE),
+               torch.randn(blocks, 16, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE),
+               torch.randn(blocks, 16, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)) for _ in range(DECODE_LAYERS)]
+
+    def step():
+        for query, k_cache, v_cache in layers:
+            ops.paged_attention_decode(out, query, k_cache, v_cache, table, lens, HEAD_DIM ** -0.5,
+                                       DECODE_MAX_CONTEXT, workspace)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    us = cuda_time_ms(graph.replay, warmup=20, iters=200) * 1e3 / DECODE_LAYERS
+    report(f"decode graph, batch 1, max ctx {DECODE_MAX_CONTEXT}, {DECODE_LAYERS} layers: ctx {context:>5} "
+           f"{us:6.2f} us per layer")

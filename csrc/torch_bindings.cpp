@@ -27,6 +27,9 @@ TORCH_LIBRARY(nanovllm_cpp, m) {
       "qk_norm_rotary_store(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor value, "
       "Tensor? q_norm_weight, Tensor? k_norm_weight, Tensor cos_sin_cache, Tensor(c!) k_cache, Tensor(d!) v_cache, "
       "Tensor slot_mapping, float eps) -> ()");
+  // The gated MLP's activation: out = silu(x[:, :d]) * x[:, d:], in fp32, rounded once. x: [tokens, 2 * d],
+  // out: [tokens, d], last dims contiguous (row strides free).
+  m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
   // One query token per sequence against its paged KV. out, query: [num_seqs, num_q_heads, head_dim];
   // block_tables: int32 [num_seqs, max_blocks_per_seq]; context_lens: int32 [num_seqs] (0 = padding row, its
   // output is left untouched); max_context_len: a host-side bound on context_lens (fixed for a CUDA graph);

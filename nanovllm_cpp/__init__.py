@@ -1,7 +1,7 @@
 """nanovllm_cpp: the compiled core of nano-vLLM C++.
 
 - BlockAllocator: the paged KV cache's block manager with prefix caching (C++, pybind11).
-- store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding, paged_attention_decode: torch ops
+- store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul, paged_attention_decode: torch ops
   (torch.ops.nanovllm_cpp.*) with hand-written CUDA kernels and PyTorch references on the CPU.
 - CUDA_ENABLED: False when the build skipped the CUDA kernels (CPU-only torch or no nvcc).
 """
@@ -40,12 +40,12 @@ from nanovllm_cpp.ops import (
     qk_norm_rotary_store,
     rms_norm,
     rotary_embedding,
+    silu_and_mul,
     store_kvcache,
 )
 
 __all__ = [
     "AllocatorStats", "BlockAllocator", "OutOfBlocksError", "CUDA_ENABLED", "fused_add_rms_norm",
     "paged_attention_decode", "paged_attention_workspace", "paged_attention_workspace_size", "qk_norm_rotary_store",
-    "rms_norm",
-    "rotary_embedding", "store_kvcache",
+    "rms_norm", "rotary_embedding", "silu_and_mul", "store_kvcache",
 ]

@@ -18,7 +18,7 @@ if not CUDA_ENABLED and torch.cuda.is_available():
                   "pip install --no-build-isolation .", stacklevel=2)
 _ops = torch.ops.nanovllm_cpp
 _OP_NAMES = ("store_kvcache", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "qk_norm_rotary_store",
-             "paged_attention_decode", "sample_tokens")
+             "silu_and_mul", "paged_attention_decode", "sample_tokens")
 
 
 def _not_built(name):
@@ -82,6 +82,12 @@ def qk_norm_rotary_store(positions: torch.Tensor, query: torch.Tensor, key: torc
                               v_cache, slot_mapping, eps)
 
 
+def silu_and_mul(out: torch.Tensor, x: torch.Tensor) -> None:
+    """The gated MLP's activation in one pass: out [tokens, d] = silu(x[:, :d]) * x[:, d:] for x [tokens, 2 * d],
+    in fp32, rounded once to the dtype."""
+    _ops.silu_and_mul(out, x)
+
+
 def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            max_context_len: int, workspace: torch.Tensor) -> None:
@@ -99,11 +105,11 @@ def paged_attention_workspace_size(max_num_seqs: int, num_q_heads: int, head_dim
     """float32 elements of scratch the decode kernel needs for any batch up to these bounds.
 
     Split-K keeps, per (sequence, query head, partition), a partial output row plus its running max and sum.
-    Partitions hold at least 256 tokens and one launch splits into at most 4096 (sequence, partition) pairs,
-    so the size is min(max_num_seqs * ceil(max_context_len / 256), 4096) * num_q_heads * (head_dim + 2)
+    Partitions hold at least 64 tokens and one launch splits into at most 4096 (sequence, partition) pairs,
+    so the size is min(max_num_seqs * ceil(max_context_len / 64), 4096) * num_q_heads * (head_dim + 2)
     (34 MB for 512 seqs x 16 heads x head_dim 128 at any context). Mirrors csrc/kernels/paged_attention.h.
     """
-    min_partition_tokens, max_split_rows = 256, 4096
+    min_partition_tokens, max_split_rows = 64, 4096
     rows = min(max_num_seqs * -(-max_context_len // min_partition_tokens), max_split_rows)
     return rows * num_q_heads * (head_dim + 2)
 

@@ -30,6 +30,11 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     x.copy_(rms_norm_fp32(residual, weight, eps))
 
 
+def silu_and_mul(out: torch.Tensor, x: torch.Tensor) -> None:
+    d = x.shape[-1] // 2
+    out.copy_(torch.nn.functional.silu(x[..., :d].float()) * x[..., d:].float())
+
+
 def rotary_cos_sin_cache(head_dim: int, max_position: int, base: float,
                          scaling: dict | None = None) -> torch.Tensor:
     """float32 [max_position, head_dim]: cos of each frequency in the first half, sin in the second."""

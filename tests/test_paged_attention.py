@@ -169,7 +169,7 @@ def test_workspace_stays_modest():
     # 512 sequences x 16 heads x head_dim 128 at a 40960-token context: the split is capped, not per token.
     size = ops.paged_attention_workspace_size(512, 16, 128, 40960)
     assert size * 4 <= 64 * 2**20
-    assert ops.paged_attention_workspace_size(1, 16, 128, 32768) == 128 * 16 * 130
+    assert ops.paged_attention_workspace_size(1, 16, 128, 32768) == 512 * 16 * 130
     assert ops.paged_attention_workspace_size(8, 16, 128, 100) >= ops.paged_attention_workspace_size(1, 16, 128, 100)
 
 
@@ -232,6 +232,14 @@ def test_max_context_len_far_beyond_actual(num_seqs, longest):
     # The CUDA-graph case: max_context_len is the model's limit, the real lengths are far shorter.
     case = make_case(mixed_lengths(num_seqs, longest, seed=longest), max_context_len=40960, seed=num_seqs)
     run_and_check(case)
+
+
+@requires_cuda
+@pytest.mark.parametrize("lens", [[1], [64], [65], [128], [511], [2048], [2048, 64, 1, 0, 700], [900] * 16])
+def test_short_partitions_of_the_decode_graph(lens):
+    # The engine's decode graph: few sequences and max_context_len 2048, so partitions are as short as 64 tokens
+    # and a sequence ends inside, or exactly at the end of, its first to 32nd partition.
+    run_and_check(make_case(lens, max_context_len=2048, seed=sum(lens)))
 
 
 @requires_cuda

@@ -1,7 +1,8 @@
 // Plain C++ entry points of the elementwise CUDA kernels (store_kvcache, rms_norm, fused_add_rms_norm,
-// rotary_embedding, qk_norm_rotary_store). They take raw pointers, sizes and strides, so the .cu files need no
-// torch headers; the torch-facing checks live in csrc/ops_cuda.cpp. Strides are in elements (bytes for
-// store_kvcache), the last dim is always contiguous. Each launcher enqueues one kernel on `stream` and returns cudaGetLastError().
+// rotary_embedding, qk_norm_rotary_store, silu_and_mul). They take raw pointers, sizes and strides, so the .cu
+// files need no torch headers; the torch-facing checks live in csrc/ops_cuda.cpp (silu_and_mul's in
+// csrc/activation_cuda.cpp). Strides are in elements (bytes for store_kvcache), the last dim is always contiguous.
+// Each launcher enqueues one kernel on `stream` and returns cudaGetLastError().
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -65,5 +66,10 @@ cudaError_t launch_qk_norm_rotary_store(DType dtype, const int64_t* positions, v
                                         const void* k_norm_weight, const float* cos_sin_cache, void* k_cache,
                                         void* v_cache, const int64_t* slot_mapping, int64_t num_tokens,
                                         int head_dim, float eps, cudaStream_t stream);
+
+// out[t, i] = silu(x[t, i]) * x[t, d + i] for i < d, in fp32, rounded once to the dtype. x: [num_tokens, 2 * d],
+// out: [num_tokens, d], rows at the given strides (elements), last dims contiguous.
+cudaError_t launch_silu_and_mul(DType dtype, void* out, int64_t out_row_stride, const void* x, int64_t x_row_stride,
+                                int64_t num_tokens, int d, cudaStream_t stream);
 
 }  // namespace nanovllm::kernels

@@ -279,8 +279,9 @@ paged_attention_partition_kernel(const PagedAttentionParams p, int partition_siz
   }
 }
 
-// Combines the partitions of one (query head, sequence): each warp folds every kReduceWarps-th partition,
-// weighted by its sum rescaled to the common max, then the warps add up through shared memory.
+// Combines the partitions of one (query head, sequence). Each warp folds every kReduceWarps-th partition with an
+// online softmax of its own (no common max first), so the loads of all its partitions go out together and the
+// reduce costs one memory round trip and one barrier; the warps' states then merge through shared memory.
 template <typename T, int HEAD_DIM>
 __global__ void __launch_bounds__(kReduceWarps * 32)
 paged_attention_reduce_kernel(const PagedAttentionParams p, int partition_size, int num_partitions) {
@@ -294,38 +295,38 @@ paged_attention_reduce_kernel(const PagedAttentionParams p, int partition_size, 
   const int64_t row0 = (int64_t(seq) * p.num_q_heads + head) * num_partitions;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  __shared__ float warp_partial[kReduceWarps];
-  float m_all = -INFINITY;
-  for (int i = threadIdx.x; i < parts; i += blockDim.x) m_all = fmaxf(m_all, ws.max[row0 + i]);
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) m_all = fmaxf(m_all, __shfl_xor_sync(0xffffffffu, m_all, o));
-  if (lane == 0) warp_partial[warp] = m_all;
-  __syncthreads();
-#pragma unroll
-  for (int w = 0; w < kReduceWarps; ++w) m_all = fmaxf(m_all, warp_partial[w]);
-
-  float sum = 0.f, out[kPerLane] = {};
+  float m = -INFINITY, sum = 0.f, out[kPerLane] = {};
 #pragma unroll 4
   for (int i = warp; i < parts; i += kReduceWarps) {
-    const float weight = ws.sum[row0 + i] * exp2f(ws.max[row0 + i] - m_all);
-    sum += weight;
+    const float m_part = ws.max[row0 + i];  // finite: every partition below `parts` holds tokens
+    const float m_new = fmaxf(m, m_part);
+    const float c_self = exp2f(m - m_new), weight = ws.sum[row0 + i] * exp2f(m_part - m_new);
+    m = m_new;
+    sum = sum * c_self + weight;
     const float* row = ws.out + (row0 + i) * HEAD_DIM + lane * kPerLane;
 #pragma unroll
-    for (int j = 0; j < kPerLane; ++j) out[j] = fmaf(weight, row[j], out[j]);
+    for (int j = 0; j < kPerLane; ++j) out[j] = fmaf(weight, row[j], out[j] * c_self);
   }
 
+  __shared__ float warp_max[kReduceWarps], warp_sum[kReduceWarps];
   __shared__ float warp_out[kReduceWarps][HEAD_DIM];
-  __shared__ float warp_sum[kReduceWarps];
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) warp_out[warp][lane * kPerLane + j] = out[j];
-  if (lane == 0) warp_sum[warp] = sum;
+  if (lane == 0) {
+    warp_max[warp] = m;  // -inf for a warp that had no partition; its sum and output are 0
+    warp_sum[warp] = sum;
+  }
   __syncthreads();
   if (threadIdx.x < HEAD_DIM) {
+    float m_all = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kReduceWarps; ++w) m_all = fmaxf(m_all, warp_max[w]);  // finite: parts >= 2
     float total = 0.f, value = 0.f;
 #pragma unroll
     for (int w = 0; w < kReduceWarps; ++w) {
-      total += warp_sum[w];
-      value += warp_out[w][threadIdx.x];
+      const float c = exp2f(warp_max[w] - m_all);
+      total += warp_sum[w] * c;
+      value += warp_out[w][threadIdx.x] * c;
     }
     store(static_cast<T*>(p.out) + seq * p.out_seq_stride + head * p.out_head_stride + threadIdx.x, value / total);
   }
@@ -349,22 +350,30 @@ struct Split {
   int num_partitions;
 };
 
-// Partitions are as short as the workspace allows (down to kMinPartitionTokens) while (sequence, kv head) pairs
-// alone cannot fill the GPU, and kLongPartitionTokens long once they can: then short sequences take one partition
-// and write their output directly, and only long ones are split (and reduced), so one long sequence cannot hold
-// up a large batch. Partitions past a sequence's end exit at once, so sizing by max_context_len (CUDA graphs)
-// costs little when the real lengths are shorter.
+// While (sequence, kv head) pairs alone cannot fill the GPU, partitions are as short as possible (down to
+// kMinPartitionTokens), so that a short context still spreads over many CTAs: the launch is shaped for
+// max_context_len (CUDA graphs), the partitions past a sequence's real end exit at once, and the live ones are as
+// many as the real length allows. Two bounds keep them from getting shorter still: the workspace
+// (kMaxSplitRows), and kMaxCtasPerSm, which keeps a launch for a huge max_context_len from being mostly CTAs that
+// only exit. Once the pairs fill the GPU, partitions are kLongPartitionTokens long: short sequences take one
+// partition and write their output directly, and only long ones are split (and reduced), so one long sequence
+// cannot hold up a large batch.
 Split choose_split(const PagedAttentionParams& p) {
-  constexpr int64_t kEnoughCtasPerSm = 2, kLongPartitionTokens = 4096;
+  constexpr int64_t kEnoughCtasPerSm = 2, kMaxCtasPerSm = 8, kLongPartitionTokens = 4096;
   const int64_t work_items = int64_t(p.num_seqs) * p.num_kv_heads;
   const int64_t max_len = p.max_context_len;
   const int64_t max_partitions = kMaxSplitRows / p.num_seqs;  // what the workspace holds
   if (max_partitions < 2 || max_len <= kMinPartitionTokens) {
     return {int((max_len + kTileAlign - 1) / kTileAlign * kTileAlign), 1};
   }
-  const bool enough_ctas = work_items >= kEnoughCtasPerSm * multiprocessor_count();
-  int64_t size = std::max(enough_ctas ? kLongPartitionTokens : kMinPartitionTokens,
-                          (max_len + max_partitions - 1) / max_partitions);
+  const int64_t sms = multiprocessor_count();
+  int64_t size = (max_len + max_partitions - 1) / max_partitions;
+  if (work_items >= kEnoughCtasPerSm * sms) {
+    size = std::max(size, kLongPartitionTokens);
+  } else {
+    const int64_t max_ctas = kMaxCtasPerSm * sms;
+    size = std::max({size, kMinPartitionTokens, (max_len * work_items + max_ctas - 1) / max_ctas});
+  }
   size = (size + kTileAlign - 1) / kTileAlign * kTileAlign;
   return {int(size), int((max_len + size - 1) / size)};
 }

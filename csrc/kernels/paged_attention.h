@@ -34,7 +34,7 @@ struct PagedAttentionParams {
 // elements (a partial output row plus its max and sum per query head). Mirrors
 // nanovllm_cpp.ops.paged_attention_workspace_size; monotone in num_seqs, so one workspace sized for the largest
 // batch serves every smaller one.
-inline constexpr int64_t kMinPartitionTokens = 256;
+inline constexpr int64_t kMinPartitionTokens = 64;  // 4 warps x one 16-token tile
 inline constexpr int64_t kMaxSplitRows = 4096;
 
 inline int64_t paged_attention_workspace_size(int64_t num_seqs, int64_t num_q_heads, int64_t head_dim,
