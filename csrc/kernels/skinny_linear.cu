@@ -1,15 +1,13 @@
 // Skinny GEMM for decode: out[M, N] = a[M, K] @ weight[N, K]^T with M <= 8.
 //
 // At M <= 8 the weight is read once per call and dominates the bytes moved, so the kernel is a weight stream:
-// - a warp owns kRowsPerWarp weight rows; each step its lanes copy one 16-byte piece of each row (32 lanes:
-//   512 contiguous bytes per row) with cp.async into a per-thread ring of kPipelineSteps steps in shared
-//   memory. The ring, not registers, holds the bytes in flight (16 loads a thread, 128 KiB an SM), every thread
-//   reads back only what it copied itself (no barrier), and the copies run ahead across row tiles, so
-//   arithmetic, reductions and tile changes overlap the stream;
+// - a warp owns kRowsPerWarp weight rows; its lanes walk K in 16-byte loads (ld.global.nc, no L1 allocation:
+//   every weight byte is used once), kStepsPerBatch steps of all its rows issued before the first use, so a
+//   lane keeps 8 loads in flight;
 // - small N splits K over `split` warps of the block (their partial sums meet in shared memory), so even
 //   N = 1024 fills every SM;
 // - the activations (or silu(gate) * up, for the MLP down projection) are staged once per block in shared
-//   memory as fp32, after the first copies are issued, so their latency hides behind the stream;
+//   memory as fp32; the first weight loads are issued before the staging, so its latency hides behind them;
 // - blocks loop over row tiles (a persistent grid for the LM head), so the activations are staged once per
 //   block, not once per tile;
 // - each warp reduces its M x kRowsPerWarp sums with a transposing butterfly (31 shuffles at M = 8, not 160).
@@ -26,11 +24,10 @@ namespace {
 constexpr int kWarps = 16;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRowsPerWarp = 4;    // more rows per warp share each staged-activation read
-constexpr int kPipelineSteps = 4;  // with 4 rows: 16 copies of 16 bytes in flight per thread
+constexpr int kStepsPerBatch = 2;  // with 4 rows: 8 weight loads in flight per lane
 constexpr int kMaxSplit = 8;
-constexpr int kRingBytes = kPipelineSteps * kRowsPerWarp * 16 * kThreads;  // 128 KiB
-// Shared memory for the staged fp32 activations: 96 KiB holds K = 3072 at M = 8 and fits beside the ring; a
-// longer K is staged in slices of this size.
+// Shared memory for the staged fp32 activations: 96 KiB holds K = 3072 at M = 8 and leaves room for two blocks
+// per SM; a longer K is staged in slices of this size.
 constexpr int kMaxStageBytes = 96 * 1024;
 constexpr int kStageColsMultiple = 256;
 
@@ -47,35 +44,14 @@ struct Problem {
   int num_tiles;   // row tiles of (kWarps / split) * kRowsPerWarp rows
 };
 
-// 16 bytes global -> shared, bypassing L1 (every weight byte is used once).
-__device__ __forceinline__ void copy_async(void* shared_dst, const void* global_src) {
-  const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global_src) : "memory");
+__device__ __forceinline__ uint4 load_streaming(const void* p) {
+  uint4 v;
+  // volatile keeps the loads ahead of the activation staging that follows them in program order.
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
 }
-
-__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-// Waits until at most kPending of this thread's committed copy groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void wait_copies() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
-
-// Position in a block's sequence of steps: row tile, first column of the staged K slice, step in the slice.
-struct Cursor {
-  int tile;
-  int k0;
-  int step;
-
-  __device__ __forceinline__ void advance(int steps, int stage_cols, int k) {
-    if (++step < steps) return;
-    step = 0;
-    k0 += stage_cols;
-    if (k0 < k) return;
-    k0 = 0;
-    tile += gridDim.x;
-  }
-};
 
 template <typename T>
 inline constexpr int kLoadElems = 16 / sizeof(T);
@@ -161,16 +137,16 @@ __device__ __forceinline__ void warp_transpose_sum(float (&sums)[kSize], int lan
 }
 
 template <typename T, int M, bool SILU>
-__global__ void __launch_bounds__(kThreads, 1) skinny_linear_kernel(Problem p) {
+__global__ void __launch_bounds__(kThreads) skinny_linear_kernel(Problem p) {
   constexpr int V = kLoadElems<T>;
   constexpr int R = kRowsPerWarp;
+  constexpr int U = kStepsPerBatch;
   constexpr int kSums = M * R;
   constexpr int kLog2Slots = log2_ceil(kSums);  // the butterfly works on a power-of-two number of sums
   static_assert(kLog2Slots <= 5, "one warp reduces at most 32 sums");
 
-  extern __shared__ uint4 shared_storage[];
-  uint4* ring = shared_storage;  // [kPipelineSteps][R][kThreads]: each thread owns one column
-  float* staged = reinterpret_cast<float*>(shared_storage + kRingBytes / 16);
+  extern __shared__ float4 stage_storage[];
+  float* staged = reinterpret_cast<float*>(stage_storage);
   __shared__ float partials[kWarps][32];
 
   const int warp = threadIdx.x / 32;
@@ -179,92 +155,75 @@ __global__ void __launch_bounds__(kThreads, 1) skinny_linear_kernel(Problem p) {
   const int group = warp / split;
   const int part = warp % split;
   const int rows_per_tile = kWarps / split * R;
-  const int stride = 32 * split;  // 16-byte pieces of a row slice between one step and the next
-  const int steps = (p.stage_cols / V + stride - 1) / stride;  // per slice; the same for every warp and slice
   const T* weight = static_cast<const T*>(p.weight);
   T* out = static_cast<T*>(p.out);
   const bool single_stage = p.stage_cols >= p.k;
-
-  // Copies step `at` of this thread's rows into ring slot `slot`; commits a group even when it copies nothing,
-  // so that group counts stay in step with the ring.
-  const auto issue = [&](const Cursor& at, int slot) {
-    const int c = lane + 32 * part + stride * at.step;
-    const int slice_loads = min(p.stage_cols, p.k - at.k0) / V;
-    const int row0 = at.tile * rows_per_tile + group * R;
-    if (at.tile < p.num_tiles && c < slice_loads) {
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (row0 + r < p.n)
-          copy_async(ring + (slot * R + r) * kThreads + threadIdx.x,
-                     weight + static_cast<int64_t>(row0 + r) * p.k + at.k0 + c * V);
-    }
-    commit_copies();
-  };
-
-  Cursor producer{static_cast<int>(blockIdx.x), 0, 0};
-#pragma unroll
-  for (int slot = 0; slot < kPipelineSteps; ++slot) {
-    issue(producer, slot);
-    producer.advance(steps, p.stage_cols, p.k);
-  }
-
-  float acc[M][R] = {};
   bool staged_once = false;
-  int slot = 0;
-  for (Cursor at{static_cast<int>(blockIdx.x), 0, 0}; at.tile < p.num_tiles; at.advance(steps, p.stage_cols, p.k)) {
-    const int cols = min(p.stage_cols, p.k - at.k0);
-    if (at.step == 0 && (!staged_once || !single_stage)) {
-      if (staged_once) __syncthreads();  // every warp is done reading the previous slice
-      stage_activations<T, M, SILU>(staged, p, at.k0, cols);
-      __syncthreads();
-      staged_once = true;
-    }
-    wait_copies<kPipelineSteps - 1>();  // this step's group has landed
-    const int c = lane + 32 * part + stride * at.step;
-    if (c < cols / V) {
-      float wf[R][V];
+
+  for (int tile = blockIdx.x; tile < p.num_tiles; tile += gridDim.x) {
+    const int row0 = tile * rows_per_tile + group * R;
+    float acc[M][R] = {};
+    for (int k0 = 0; k0 < p.k; k0 += p.stage_cols) {
+      const int cols = min(p.stage_cols, p.k - k0);
+      const int loads_per_row = cols / V;
+      const int stride = 32 * split;
+      const int steps = (loads_per_row + stride - 1) / stride;  // the same for every warp: barriers stay uniform
+      for (int s0 = 0; s0 < steps; s0 += U) {
+        uint4 w[U][R];
 #pragma unroll
-      for (int r = 0; r < R; ++r) unpack<T>(ring[(slot * R + r) * kThreads + threadIdx.x], wf[r]);
+        for (int u = 0; u < U; ++u) {
+          const int c = lane + 32 * part + stride * (s0 + u);
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float xv[V];
-#pragma unroll
-        for (int q = 0; q < V / 4; ++q) {
-          const float4 f = *reinterpret_cast<const float4*>(staged + staged_offset<T>(m, c * V + 4 * q, cols));
-          xv[4 * q] = f.x;
-          xv[4 * q + 1] = f.y;
-          xv[4 * q + 2] = f.z;
-          xv[4 * q + 3] = f.w;
+          for (int r = 0; r < R; ++r) {
+            w[u][r] = make_uint4(0, 0, 0, 0);
+            if (c < loads_per_row && row0 + r < p.n)
+              w[u][r] = load_streaming(weight + static_cast<int64_t>(row0 + r) * p.k + k0 + c * V);
+          }
+        }
+        if (s0 == 0 && (!staged_once || !single_stage)) {
+          if (staged_once) __syncthreads();  // every warp is done reading the previous slice
+          stage_activations<T, M, SILU>(staged, p, k0, cols);
+          __syncthreads();
+          staged_once = true;
         }
 #pragma unroll
-        for (int r = 0; r < R; ++r)
+        for (int u = 0; u < U; ++u) {
+          const int c = lane + 32 * part + stride * (s0 + u);
+          if (c >= loads_per_row) continue;
+          float wf[R][V];
 #pragma unroll
-          for (int j = 0; j < V; ++j) acc[m][r] = fmaf(wf[r][j], xv[j], acc[m][r]);
+          for (int r = 0; r < R; ++r) unpack<T>(w[u][r], wf[r]);
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+            float xv[V];
+#pragma unroll
+            for (int q = 0; q < V / 4; ++q) {
+              const float4 f = *reinterpret_cast<const float4*>(staged + staged_offset<T>(m, c * V + 4 * q, cols));
+              xv[4 * q] = f.x;
+              xv[4 * q + 1] = f.y;
+              xv[4 * q + 2] = f.z;
+              xv[4 * q + 3] = f.w;
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+              for (int j = 0; j < V; ++j) acc[m][r] = fmaf(wf[r][j], xv[j], acc[m][r]);
+          }
+        }
       }
     }
-    // The slot was read into registers above (same thread, program order), so it can be refilled.
-    issue(producer, slot);
-    producer.advance(steps, p.stage_cols, p.k);
-    slot = slot + 1 == kPipelineSteps ? 0 : slot + 1;
-    if (at.step + 1 < steps || at.k0 + p.stage_cols < p.k) continue;
 
-    // Last step of the tile: reduce over the warp (and over the split warps), write, start the next tile.
     float sums[1 << kLog2Slots];
 #pragma unroll
     for (int i = 0; i < (1 << kLog2Slots); ++i) sums[i] = i < kSums ? acc[i / R][i % R] : 0.f;
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[m][r] = 0.f;
     warp_transpose_sum<0>(sums, lane);
-    const int sum_slot = lane >> (5 - kLog2Slots);
-    const bool writer = (lane & ((1 << (5 - kLog2Slots)) - 1)) == 0 && sum_slot < kSums;
-    const int tile_row0 = at.tile * rows_per_tile;
+    const int slot = lane >> (5 - kLog2Slots);
+    const bool writer = (lane & ((1 << (5 - kLog2Slots)) - 1)) == 0 && slot < kSums;
     if (split == 1) {
-      const int row = tile_row0 + group * R + sum_slot % R;
-      if (writer && row < p.n) out[(sum_slot / R) * p.out_row_stride + row] = from_float<T>(sums[0]);
+      const int row = row0 + slot % R;
+      if (writer && row < p.n) out[(slot / R) * p.out_row_stride + row] = from_float<T>(sums[0]);
     } else {
-      if (writer) partials[warp][sum_slot] = sums[0];
+      if (writer) partials[warp][slot] = sums[0];
       __syncthreads();
       const int groups = kWarps / split;
       if (threadIdx.x < groups * kSums) {
@@ -272,13 +231,12 @@ __global__ void __launch_bounds__(kThreads, 1) skinny_linear_kernel(Problem p) {
         const int s = threadIdx.x % kSums;
         float total = 0.f;
         for (int q = 0; q < split; ++q) total += partials[g * split + q][s];
-        const int row = tile_row0 + g * R + s % R;
+        const int row = tile * rows_per_tile + g * R + s % R;
         if (row < p.n) out[(s / R) * p.out_row_stride + row] = from_float<T>(total);
       }
       __syncthreads();  // partials are reused by the next tile
     }
   }
-  wait_copies<0>();  // no copy may outlive the block (the tail groups are empty, but say so)
 }
 
 template <typename T, int M, bool SILU>
@@ -297,26 +255,28 @@ cudaError_t launch_typed(const Problem& base, cudaStream_t stream) {
     const int rows_per_tile = kWarps / split * kRowsPerWarp;
     return (p.n + rows_per_tile - 1) / rows_per_tile;
   };
-  // Split K while the tiles would leave SMs idle and every lane still gets a piece of each row slice.
+  // Split K until one batch of loads covers a row slice, then further while the tiles leave SMs idle and
+  // every lane still gets a load.
   p.split = 1;
+  while (p.split < kMaxSplit && 32 * p.split * kStepsPerBatch < loads_per_row) p.split *= 2;
   while (p.split < kMaxSplit && tiles_for(p.split) < sms && 32 * p.split < loads_per_row) p.split *= 2;
   p.num_tiles = tiles_for(p.split);
 
   const auto kernel = skinny_linear_kernel<T, M, SILU>;
-  const int shared_bytes = kRingBytes + M * p.stage_cols * static_cast<int>(sizeof(float));
+  const int stage_bytes = M * p.stage_cols * static_cast<int>(sizeof(float));
   // The opt-in above 48 KiB of dynamic shared memory is per device; set it once for each.
-  static std::atomic<uint64_t> large_shared_allowed{0};
+  static std::atomic<uint64_t> large_stage_allowed{0};
   const uint64_t device_bit = uint64_t{1} << (device % 64);
-  if (!(large_shared_allowed.load() & device_bit)) {
-    status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRingBytes + kMaxStageBytes);
+  if (!(large_stage_allowed.load() & device_bit)) {
+    status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxStageBytes);
     if (status != cudaSuccess) return status;
-    large_shared_allowed.fetch_or(device_bit);
+    large_stage_allowed.fetch_or(device_bit);
   }
   int blocks_per_sm = 0;
-  status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, shared_bytes);
+  status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, stage_bytes);
   if (status != cudaSuccess) return status;
   const int grid = std::min(p.num_tiles, std::max(blocks_per_sm, 1) * sms);
-  kernel<<<grid, kThreads, shared_bytes, stream>>>(p);
+  kernel<<<grid, kThreads, stage_bytes, stream>>>(p);
   return cudaGetLastError();
 }
 
