@@ -40,4 +40,11 @@ TORCH_LIBRARY(nanovllm_cpp, m) {
   // out[r] = the token of row r of logits [rows, vocab] (last dim contiguous): argmax when temperatures[r] == 0,
   // else a sample of softmax(logits[r] / T) drawn with keys[r] (int64 < 2**32) as its random stream.
   m.def("sample_tokens(Tensor(a!) out, Tensor logits, Tensor temperatures, Tensor keys) -> ()");
+  // out[M, N] = x[M, K] @ weight[N, K]^T in fp32, rounded once, for decode batches: 1 <= M <= 8
+  // (nanovllm_cpp.ops.SKINNY_LINEAR_MAX_ROWS), K a multiple of 8, x, weight and out of one dtype; weight
+  // contiguous, x and out with contiguous rows (row strides free, 16-byte aligned for x).
+  m.def("skinny_linear(Tensor(a!) out, Tensor x, Tensor weight) -> ()");
+  // The MLP down projection with its activation: out = (silu(gate) * up) @ weight^T with gate_up [M, 2K] =
+  // [gate | up], the activation computed in fp32; weight [N, K]; the same limits as skinny_linear.
+  m.def("silu_mul_skinny_linear(Tensor(a!) out, Tensor gate_up, Tensor weight) -> ()");
 }

@@ -33,6 +33,7 @@ _find_compiled_core()
 from nanovllm_cpp._C import AllocatorStats, BlockAllocator, OutOfBlocksError
 from nanovllm_cpp.ops import (
     CUDA_ENABLED,
+    SKINNY_LINEAR_MAX_ROWS,
     fused_add_rms_norm,
     paged_attention_decode,
     paged_attention_workspace,
@@ -41,11 +42,14 @@ from nanovllm_cpp.ops import (
     rms_norm,
     rotary_embedding,
     silu_and_mul,
+    silu_mul_skinny_linear,
+    skinny_linear,
     store_kvcache,
 )
 
 __all__ = [
     "AllocatorStats", "BlockAllocator", "OutOfBlocksError", "CUDA_ENABLED", "fused_add_rms_norm",
     "paged_attention_decode", "paged_attention_workspace", "paged_attention_workspace_size", "qk_norm_rotary_store",
-    "rms_norm", "rotary_embedding", "silu_and_mul", "store_kvcache",
+    "rms_norm", "rotary_embedding", "silu_and_mul", "silu_mul_skinny_linear", "skinny_linear",
+    "SKINNY_LINEAR_MAX_ROWS", "store_kvcache",
 ]

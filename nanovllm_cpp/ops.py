@@ -18,7 +18,11 @@ if not CUDA_ENABLED and torch.cuda.is_available():
                   "pip install --no-build-isolation .", stacklevel=2)
 _ops = torch.ops.nanovllm_cpp
 _OP_NAMES = ("store_kvcache", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "qk_norm_rotary_store",
-             "silu_and_mul", "paged_attention_decode", "sample_tokens")
+             "silu_and_mul", "paged_attention_decode", "sample_tokens", "skinny_linear", "silu_mul_skinny_linear")
+
+# Most activation rows skinny_linear and silu_mul_skinny_linear take (kSkinnyLinearMaxRows in
+# csrc/kernels/skinny_linear.h); larger batches belong to a GEMM.
+SKINNY_LINEAR_MAX_ROWS: int = 8
 
 
 def _not_built(name):
@@ -131,3 +135,22 @@ def sample_tokens(out: torch.Tensor, logits: torch.Tensor, temperatures: torch.T
     the same key and logits give the same token whatever else is in the batch. Ties go to the lowest id.
     """
     _ops.sample_tokens(out, logits, temperatures, keys)
+
+
+def skinny_linear(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """out[M, N] = x[M, K] @ weight[N, K]^T (torch Linear layout), fp32 accumulation, for decode batches.
+
+    1 <= M <= SKINNY_LINEAR_MAX_ROWS, K a multiple of 8, one dtype for all three; weight contiguous, x and out
+    with contiguous rows (x's row stride may be wider than K, e.g. a column slice). On the GPU it streams the
+    weight once at close to copy bandwidth.
+    """
+    _ops.skinny_linear(out, x, weight)
+
+
+def silu_mul_skinny_linear(out: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor) -> None:
+    """The MLP down projection with its activation fused: out = (silu(gate) * up) @ weight^T.
+
+    gate_up: [M, 2K] = [gate | up]; weight: [N, K]; the activation is computed in fp32 and never stored. The
+    same limits as skinny_linear.
+    """
+    _ops.silu_mul_skinny_linear(out, gate_up, weight)

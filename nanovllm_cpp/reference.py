@@ -110,6 +110,15 @@ def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torc
     out[live] = attn.reshape(-1, num_heads, head_dim).to(out.dtype)
 
 
+def skinny_linear(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    out.copy_(x.float() @ weight.float().T)
+
+
+def silu_mul_skinny_linear(out: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor) -> None:
+    gate, up = gate_up.float().split(weight.shape[1], dim=-1)
+    out.copy_((torch.nn.functional.silu(gate) * up) @ weight.float().T)
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit xor-shift-multiply hash on int64 lanes holding values < 2**32."""
     mask = 0xFFFFFFFF
