@@ -141,8 +141,8 @@ def skinny_linear(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> N
     """out[M, N] = x[M, K] @ weight[N, K]^T (torch Linear layout), fp32 accumulation, for decode batches.
 
     1 <= M <= SKINNY_LINEAR_MAX_ROWS, K a multiple of 8, one dtype for all three; weight contiguous, x and out
-    with contiguous rows (x's row stride may be wider than K, e.g. a column slice). On the GPU it streams the
-    weight once at close to copy bandwidth.
+    with contiguous rows (x's row stride may be wider than K, e.g. a column slice). On the GPU it splits the
+    weight over many more blocks than a GEMM's tiles would, each streaming its rows once.
     """
     _ops.skinny_linear(out, x, weight)
 

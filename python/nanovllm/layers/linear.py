@@ -6,6 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import nanovllm_cpp
 from nanovllm.layers.parallel import check_shape, tp_group, tp_rank_and_size
 
 
@@ -101,14 +102,38 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; partial outputs summed with an all-reduce (bias added once)."""
+    """Input features split across ranks; partial outputs summed with an all-reduce (bias added once).
+
+    A decode batch of at most SKINNY_LINEAR_MAX_ROWS rows on the GPU runs the skinny kernel instead of a GEMM:
+    N is small here (hidden size), so a GEMM has too few output tiles to keep every SM reading weights."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, **tp):
         rank_size = tp_rank_and_size(tp.get("tp_rank"), tp.get("tp_size"))[1]
         super().__init__(_divide(input_size, rank_size, "input features"), output_size, bias, 1, **tp)
 
+    def _skinny(self, x: torch.Tensor) -> bool:
+        return (x.is_cuda and self.bias is None and self.weight.shape[1] % 8 == 0
+                and 0 < x.shape[0] <= nanovllm_cpp.SKINNY_LINEAR_MAX_ROWS)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        if self._skinny(x):
+            y = x.new_empty(x.shape[0], self.weight.shape[0])
+            nanovllm_cpp.skinny_linear(y, x, self.weight)
+        else:
+            y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        return self._reduce(y)
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up) for the fused [tokens, 2 * input] gate_up projection."""
+        if self._skinny(gate_up):
+            y = gate_up.new_empty(gate_up.shape[0], self.weight.shape[0])
+            nanovllm_cpp.silu_mul_skinny_linear(y, gate_up, self.weight)
+            return self._reduce(y)
+        activated = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+        nanovllm_cpp.silu_and_mul(activated, gate_up)
+        return self.forward(activated)
+
+    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
         if self.tp_size > 1:
             dist.all_reduce(y, group=self.tp_group)
         return y
