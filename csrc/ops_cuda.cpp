@@ -161,6 +161,28 @@ void fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const a
                op);
 }
 
+// query [num_tokens, num_q_heads, head_dim] and key [num_tokens, num_kv_heads, head_dim] of one batch.
+void check_query_key_shapes(const at::Tensor& query, const at::Tensor& key, const char* op) {
+  TORCH_CHECK(query.dim() == 3, op, ": query must be [num_tokens, num_q_heads, head_dim], got ", query.sizes());
+  TORCH_CHECK(key.dim() == 3, op, ": key must be [num_tokens, num_kv_heads, head_dim], got ", key.sizes());
+  const int64_t num_tokens = query.size(0), head_dim = query.size(2);
+  TORCH_CHECK(key.size(0) == num_tokens && key.size(2) == head_dim, op, ": key has shape ", key.sizes(),
+              ", expected [", num_tokens, ", num_kv_heads, ", head_dim, "] to match query");
+}
+
+// The positions and the cos | sin table the rotary embedding reads for num_tokens tokens.
+void check_rotary_tables(const at::Tensor& positions, const at::Tensor& cos_sin_cache, int64_t num_tokens,
+                         int64_t head_dim, const char* op) {
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == num_tokens &&
+                  positions.is_contiguous(),
+              op, ": positions must be a contiguous int64 [", num_tokens, "] tensor, got ", positions.scalar_type(),
+              " ", positions.sizes());
+  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.dim() == 2 &&
+                  cos_sin_cache.size(1) == head_dim && cos_sin_cache.is_contiguous(),
+              op, ": cos_sin_cache must be a contiguous float32 [max_position, ", head_dim, "] tensor, got ",
+              cos_sin_cache.scalar_type(), " ", cos_sin_cache.sizes());
+}
+
 void rotary_embedding(const at::Tensor& positions, const at::Tensor& query, const at::Tensor& key,
                       const at::Tensor& cos_sin_cache) {
   constexpr const char* op = "rotary_embedding";
@@ -170,23 +192,13 @@ void rotary_embedding(const at::Tensor& positions, const at::Tensor& query, cons
   check_cuda(cos_sin_cache, query, op, "cos_sin_cache");
   const DType dtype = kernel_dtype(query, op, "query");
   check_same_dtype(key, query, op, "key", "query");
-  TORCH_CHECK(query.dim() == 3, op, ": query must be [num_tokens, num_q_heads, head_dim], got ", query.sizes());
-  TORCH_CHECK(key.dim() == 3, op, ": key must be [num_tokens, num_kv_heads, head_dim], got ", key.sizes());
+  check_query_key_shapes(query, key, op);
   const int64_t num_tokens = query.size(0);
   const int64_t head_dim = query.size(2);
-  TORCH_CHECK(key.size(0) == num_tokens && key.size(2) == head_dim, op, ": key has shape ", key.sizes(),
-              ", expected [", num_tokens, ", num_kv_heads, ", head_dim, "] to match query");
   TORCH_CHECK(head_dim >= 2 && head_dim % 2 == 0, op, ": head_dim must be even and >= 2, got ", head_dim);
   for (auto [t, name] : {std::pair{&query, "query"}, {&key, "key"}})
     TORCH_CHECK(t->stride(2) == 1, op, ": ", name, " must have a contiguous last dim, got strides ", t->strides());
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == num_tokens &&
-                  positions.is_contiguous(),
-              op, ": positions must be a contiguous int64 [", num_tokens, "] tensor, got ", positions.scalar_type(),
-              " ", positions.sizes());
-  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.dim() == 2 &&
-                  cos_sin_cache.size(1) == head_dim && cos_sin_cache.is_contiguous(),
-              op, ": cos_sin_cache must be a contiguous float32 [max_position, ", head_dim, "] tensor, got ",
-              cos_sin_cache.scalar_type(), " ", cos_sin_cache.sizes());
+  check_rotary_tables(positions, cos_sin_cache, num_tokens, head_dim, op);
 
   const c10::cuda::CUDAGuard guard(query.device());
   check_launch(nanovllm::kernels::launch_rotary_embedding(
@@ -213,12 +225,9 @@ void qk_norm_rotary_store(const at::Tensor& positions, const at::Tensor& query, 
   for (auto [t, name] : {std::pair{&key, "key"}, {&value, "value"}, {&k_cache, "k_cache"}, {&v_cache, "v_cache"}})
     check_same_dtype(*t, query, op, name, "query");
 
-  TORCH_CHECK(query.dim() == 3, op, ": query must be [num_tokens, num_q_heads, head_dim], got ", query.sizes());
-  TORCH_CHECK(key.dim() == 3, op, ": key must be [num_tokens, num_kv_heads, head_dim], got ", key.sizes());
+  check_query_key_shapes(query, key, op);
   const int64_t num_tokens = query.size(0);
   const int64_t head_dim = query.size(2);
-  TORCH_CHECK(key.size(0) == num_tokens && key.size(2) == head_dim, op, ": key has shape ", key.sizes(),
-              ", expected [", num_tokens, ", num_kv_heads, ", head_dim, "] to match query");
   TORCH_CHECK(value.sizes() == key.sizes(), op, ": value has shape ", value.sizes(), " but key has ", key.sizes());
   TORCH_CHECK(head_dim >= 2 && head_dim % 2 == 0 && head_dim <= nanovllm::kernels::kQkNormRotaryMaxHeadDim, op,
               ": head_dim must be even and in 2..", nanovllm::kernels::kQkNormRotaryMaxHeadDim, ", got ", head_dim);
@@ -237,14 +246,7 @@ void qk_norm_rotary_store(const at::Tensor& positions, const at::Tensor& query, 
                 " must be a contiguous [", head_dim, "] tensor (head_dim), got ", w.sizes());
   }
 
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == num_tokens &&
-                  positions.is_contiguous(),
-              op, ": positions must be a contiguous int64 [", num_tokens, "] tensor, got ", positions.scalar_type(),
-              " ", positions.sizes());
-  TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.dim() == 2 &&
-                  cos_sin_cache.size(1) == head_dim && cos_sin_cache.is_contiguous(),
-              op, ": cos_sin_cache must be a contiguous float32 [max_position, ", head_dim, "] tensor, got ",
-              cos_sin_cache.scalar_type(), " ", cos_sin_cache.sizes());
+  check_rotary_tables(positions, cos_sin_cache, num_tokens, head_dim, op);
   TORCH_CHECK(k_cache.dim() == 4, op, ": k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], got ",
               k_cache.sizes());
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache has shape ", v_cache.sizes(), " but k_cache has ",

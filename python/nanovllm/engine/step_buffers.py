@@ -9,31 +9,30 @@ a decode sends everything up to the block-table rows it uses.
 import numpy as np
 import torch
 
-SAMPLING_FIELDS = (("temperatures", torch.float32), ("keys", torch.int64), ("top_ks", torch.int64),
-                   ("top_ps", torch.float32))
-DECODE_FIELDS = (("input_ids", torch.int64), ("positions", torch.int64), ("slots", torch.int64),
-                 ("context_lens", torch.int32))
+# (name, dtype, one element per row or a block-table row), in buffer order.
+FIELDS = (("temperatures", torch.float32, False), ("keys", torch.int64, False), ("top_ks", torch.int64, False),
+          ("top_ps", torch.float32, False), ("input_ids", torch.int64, False), ("positions", torch.int64, False),
+          ("slots", torch.int64, False), ("context_lens", torch.int32, False), ("block_tables", torch.int32, True))
 ALIGN = 16
 
 
 class StepBuffers:
     def __init__(self, max_rows: int, max_blocks: int, device: torch.device):
         self.max_rows, self.max_blocks = max_rows, max_blocks
-        offsets, end = {}, 0
-        for name, dtype in SAMPLING_FIELDS + DECODE_FIELDS + (("block_tables", torch.int32),):
-            offsets[name] = end
-            width = max_blocks if name == "block_tables" else 1
-            end += -(-max_rows * width * dtype.itemsize // ALIGN) * ALIGN
+        regions, end = [], 0  # (name, dtype, shape, byte offset)
+        for name, dtype, table in FIELDS:
+            shape = (max_rows, max_blocks) if table else (max_rows,)
+            regions.append((name, dtype, shape, end))
+            end += -(-int(np.prod(shape)) * dtype.itemsize // ALIGN) * ALIGN
+        offsets = {name: start for name, _, _, start in regions}
         self.sampling_bytes = offsets["input_ids"]
         self._block_tables_offset = offsets["block_tables"]
         self.host = torch.zeros(end, dtype=torch.uint8, pin_memory=device.type == "cuda")
         self.device_bytes = torch.zeros(end, dtype=torch.uint8, device=device)
         self.h: dict[str, np.ndarray] = {}
         self.d: dict[str, torch.Tensor] = {}
-        for name, dtype in SAMPLING_FIELDS + DECODE_FIELDS + (("block_tables", torch.int32),):
-            shape = (max_rows, max_blocks) if name == "block_tables" else (max_rows,)
+        for name, dtype, shape, start in regions:
             size = int(np.prod(shape)) * dtype.itemsize
-            start = offsets[name]
             self.h[name] = self.host[start:start + size].view(dtype).view(shape).numpy()
             self.d[name] = self.device_bytes[start:start + size].view(dtype).view(shape)
 
