@@ -10,11 +10,12 @@
 // max_context_len (CUDA graphs) costs what the actual lengths cost.
 #include "kernels/paged_attention.h"
 
+#include "kernels/launch.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 
 namespace nanovllm {
@@ -100,6 +101,7 @@ struct Layout {
 template <typename T, int HEAD_DIM, int GROUP>
 __global__ void __launch_bounds__(kThreads)
 paged_attention_partition_kernel(const PagedAttentionParams p, int partition_size, int num_partitions) {
+  kernels::start_after_prior_grids();
   using L = Layout<T, HEAD_DIM, GROUP>;
   constexpr int E = L::kElems;
   constexpr int U = L::kUnroll;
@@ -285,6 +287,7 @@ paged_attention_partition_kernel(const PagedAttentionParams p, int partition_siz
 template <typename T, int HEAD_DIM>
 __global__ void __launch_bounds__(kReduceWarps * 32)
 paged_attention_reduce_kernel(const PagedAttentionParams p, int partition_size, int num_partitions) {
+  kernels::start_after_prior_grids();
   constexpr int kPerLane = HEAD_DIM / 32;
   const int head = blockIdx.x, seq = blockIdx.y;
   const int len = sequence_length(p, seq);
@@ -332,19 +335,6 @@ paged_attention_reduce_kernel(const PagedAttentionParams p, int partition_size, 
   }
 }
 
-int multiprocessor_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return 1;
-  int count = cached[device].load(std::memory_order_relaxed);
-  if (count == 0) {
-    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) count = 1;
-    cached[device].store(count, std::memory_order_relaxed);
-  }
-  return count;
-}
-
 struct Split {
   int partition_size;  // tokens, a multiple of kTileAlign
   int num_partitions;
@@ -366,7 +356,7 @@ Split choose_split(const PagedAttentionParams& p) {
   if (max_partitions < 2 || max_len <= kMinPartitionTokens) {
     return {int((max_len + kTileAlign - 1) / kTileAlign * kTileAlign), 1};
   }
-  const int64_t sms = multiprocessor_count();
+  const int64_t sms = std::max(kernels::current_device_traits().multiprocessors, 1);
   int64_t size = (max_len + max_partitions - 1) / max_partitions;
   if (work_items >= kEnoughCtasPerSm * sms) {
     size = std::max(size, kLongPartitionTokens);
@@ -379,20 +369,20 @@ Split choose_split(const PagedAttentionParams& p) {
 }
 
 template <typename T, int HEAD_DIM, int GROUP>
-void launch(const PagedAttentionParams& p, const Split& split, cudaStream_t stream) {
+cudaError_t launch(const PagedAttentionParams& p, const Split& split, cudaStream_t stream) {
   const dim3 grid(split.num_partitions, p.num_kv_heads, p.num_seqs);
-  paged_attention_partition_kernel<T, HEAD_DIM, GROUP>
-      <<<grid, kThreads, 0, stream>>>(p, split.partition_size, split.num_partitions);
-  if (split.num_partitions > 1) {
-    paged_attention_reduce_kernel<T, HEAD_DIM>
-        <<<dim3(p.num_q_heads, p.num_seqs), kReduceWarps * 32, 0, stream>>>(p, split.partition_size,
-                                                                          split.num_partitions);
-  }
+  cudaError_t status = kernels::launch_kernel(paged_attention_partition_kernel<T, HEAD_DIM, GROUP>,
+                                              {grid, dim3(kThreads)}, stream, p, split.partition_size,
+                                              split.num_partitions);
+  if (status != cudaSuccess || split.num_partitions == 1) return status;
+  return kernels::launch_kernel(paged_attention_reduce_kernel<T, HEAD_DIM>,
+                                {dim3(p.num_q_heads, p.num_seqs), dim3(kReduceWarps * 32)}, stream, p,
+                                split.partition_size, split.num_partitions);
 }
 
 // Groups that are not a power of two run in the next larger instantiation; the extra heads are never written.
 template <typename T, int HEAD_DIM>
-void dispatch_group(const PagedAttentionParams& p, const Split& split, cudaStream_t stream) {
+cudaError_t dispatch_group(const PagedAttentionParams& p, const Split& split, cudaStream_t stream) {
   const int group = p.num_q_heads / p.num_kv_heads;
   if (group <= 1) return launch<T, HEAD_DIM, 1>(p, split, stream);
   if (group <= 2) return launch<T, HEAD_DIM, 2>(p, split, stream);
@@ -401,7 +391,7 @@ void dispatch_group(const PagedAttentionParams& p, const Split& split, cudaStrea
 }
 
 template <typename T>
-void dispatch_head_dim(const PagedAttentionParams& p, const Split& split, cudaStream_t stream) {
+cudaError_t dispatch_head_dim(const PagedAttentionParams& p, const Split& split, cudaStream_t stream) {
   if (p.head_dim == 64) return dispatch_group<T, 64>(p, split, stream);
   return dispatch_group<T, 128>(p, split, stream);
 }
@@ -412,11 +402,11 @@ cudaError_t paged_attention_decode(const PagedAttentionParams& params, cudaStrea
   if (params.num_seqs == 0 || params.max_context_len == 0) return cudaSuccess;
   const Split split = choose_split(params);
   switch (params.dtype) {
-    case AttentionDtype::kBFloat16: dispatch_head_dim<__nv_bfloat16>(params, split, stream); break;
-    case AttentionDtype::kFloat16: dispatch_head_dim<__half>(params, split, stream); break;
-    case AttentionDtype::kFloat32: dispatch_head_dim<float>(params, split, stream); break;
+    case AttentionDtype::kBFloat16: return dispatch_head_dim<__nv_bfloat16>(params, split, stream);
+    case AttentionDtype::kFloat16: return dispatch_head_dim<__half>(params, split, stream);
+    case AttentionDtype::kFloat32: return dispatch_head_dim<float>(params, split, stream);
   }
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace nanovllm

@@ -10,6 +10,7 @@
 // followed by rotary_embedding (the normalised head is rounded to the storage dtype, then rotated), so the fused
 // op matches the separate kernels up to the order of the sum of squares.
 #include "elementwise_launchers.h"
+#include "launch.cuh"
 #include "vec_utils.cuh"
 
 namespace nanovllm::kernels {
@@ -40,6 +41,7 @@ struct FusedArgs {
 
 template <typename T, int WIDTH, int PAIRS>
 __global__ void __launch_bounds__(kBlockThreads) qk_norm_rotary_store_kernel(FusedArgs args, int group) {
+  start_after_prior_grids();
   const int lane = threadIdx.x & (group - 1);
   const int slots_per_token = args.num_q_heads + 2 * args.num_kv_heads;
   const int64_t work = static_cast<int64_t>(blockIdx.x) * (kBlockThreads / group) + threadIdx.x / group;
@@ -132,9 +134,8 @@ cudaError_t launch(const FusedArgs& args, cudaStream_t stream) {
   const int64_t work = args.num_tokens * (args.num_q_heads + 2 * args.num_kv_heads);
   const int64_t slots_per_block = kBlockThreads / group;
   const int64_t blocks = (work + slots_per_block - 1) / slots_per_block;
-  qk_norm_rotary_store_kernel<T, WIDTH, PAIRS><<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(
-      args, group);
-  return cudaGetLastError();
+  return launch_kernel(qk_norm_rotary_store_kernel<T, WIDTH, PAIRS>,
+                       {dim3(static_cast<unsigned>(blocks)), dim3(kBlockThreads)}, stream, args, group);
 }
 
 // As few pairs per lane as a warp allows: each one costs ~40 live registers at 16-byte packs, and the register

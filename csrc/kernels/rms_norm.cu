@@ -11,6 +11,7 @@
 // costs ~35 registers a thread, and with them half the resident blocks that hide memory latency (16K rows of
 // 1024 ran at 64% of copy bandwidth instead of 79%).
 #include "elementwise_launchers.h"
+#include "launch.cuh"
 #include "vec_utils.cuh"
 
 namespace nanovllm::kernels {
@@ -47,6 +48,7 @@ __global__ void __launch_bounds__(kMaxGroup, 1) rms_norm_kernel(T* out, RowLayou
                                                              RowLayout x_layout, T* residual,
                                                              RowLayout residual_layout, const T* weight,
                                                              int64_t num_rows, int hidden, int group, float eps) {
+  start_after_prior_grids();
   const int lane = threadIdx.x & (group - 1);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / group) + threadIdx.x / group;
   const bool live = row < num_rows;  // dead threads still join group_sum
@@ -144,9 +146,8 @@ cudaError_t launch(T* out, RowLayout out_layout, const T* x, RowLayout x_layout,
   const int64_t blocks = (num_rows + rows_per_block - 1) / rows_per_block;
   const auto kernel = at_most_one_block_per_sm(blocks) ? rms_norm_kernel<T, WIDTH, PACKS, FUSED, true>
                                                        : rms_norm_kernel<T, WIDTH, PACKS, FUSED, false>;
-  kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(out, out_layout, x, x_layout, residual,
-                                                                residual_layout, weight, num_rows, hidden, group, eps);
-  return cudaGetLastError();
+  return launch_kernel(kernel, {dim3(static_cast<unsigned>(blocks)), dim3(threads)}, stream, out, out_layout, x,
+                       x_layout, residual, residual_layout, weight, num_rows, hidden, group, eps);
 }
 
 // 16-byte packs when every row start is 16-byte aligned and hidden is a whole number of packs; one element per

@@ -5,6 +5,7 @@
 // half when aligned, single elements otherwise); blockDim.x threads walk one token's query heads then key heads,
 // so the threads of a token share its cos/sin row through L1. blockDim.y tokens share a block.
 #include "elementwise_launchers.h"
+#include "launch.cuh"
 #include "vec_utils.cuh"
 
 namespace nanovllm::kernels {
@@ -16,6 +17,7 @@ template <typename T, int WIDTH>
 __global__ void rotary_embedding_kernel(const int64_t* positions, T* query, HeadLayout query_layout, int num_q_heads,
                                         T* key, HeadLayout key_layout, int num_kv_heads, const float* cos_sin_cache,
                                         int64_t num_tokens, int head_dim) {
+  start_after_prior_grids();
   const int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (token >= num_tokens) return;
   const int half = head_dim / 2;
@@ -54,10 +56,9 @@ cudaError_t launch(const int64_t* positions, T* query, HeadLayout query_layout, 
   const int threads_x = chunks < kBlockThreads ? round_up(chunks, 32) : kBlockThreads;
   const dim3 block(threads_x, kBlockThreads / threads_x);
   const int64_t blocks = (num_tokens + block.y - 1) / block.y;
-  rotary_embedding_kernel<T, WIDTH><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
-      positions, query, query_layout, num_q_heads, key, key_layout, num_kv_heads, cos_sin_cache, num_tokens,
-      head_dim);
-  return cudaGetLastError();
+  return launch_kernel(rotary_embedding_kernel<T, WIDTH>, {dim3(static_cast<unsigned>(blocks)), block}, stream,
+                       positions, query, query_layout, num_q_heads, key, key_layout, num_kv_heads, cos_sin_cache,
+                       num_tokens, head_dim);
 }
 
 bool layout_is_aligned(const void* base, const HeadLayout& layout, int width) {

@@ -13,6 +13,7 @@
 #include <cfloat>
 #include <climits>
 
+#include "launch.cuh"
 #include "sampling.h"
 #include "vec_utils.cuh"
 
@@ -52,6 +53,7 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(int64_t* __rest
                                                                  const T* __restrict__ logits, int64_t row_stride,
                                                                  int vocab, const float* __restrict__ temperatures,
                                                                  const int64_t* __restrict__ keys, int slices) {
+  start_after_prior_grids();
   const int row = blockIdx.x / slices, slice = blockIdx.x % slices;
   const T* row_logits = logits + row * row_stride;
   const float temperature = temperatures[row];
@@ -111,17 +113,10 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(int64_t* __rest
 
 // Blocks per row: 1, or (Hopper and later) the power of two that brings the grid closest to one block per SM.
 int slices_per_row(int rows) {
-  constexpr int kMaxDevices = 64;
-  static int compute_major[kMaxDevices], sm_count[kMaxDevices];  // 0 = not asked yet
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return 1;
-  if (compute_major[device] == 0) {
-    cudaDeviceGetAttribute(&sm_count[device], cudaDevAttrMultiProcessorCount, device);
-    cudaDeviceGetAttribute(&compute_major[device], cudaDevAttrComputeCapabilityMajor, device);
-  }
-  if (compute_major[device] < 9) return 1;
+  const DeviceTraits device = current_device_traits();
+  if (device.compute_major < 9) return 1;
   int slices = 1;
-  while (slices < kMaxSlices && rows * slices * 2 <= sm_count[device]) slices *= 2;
+  while (slices < kMaxSlices && rows * slices * 2 <= device.multiprocessors) slices *= 2;
   return slices;
 }
 
@@ -129,23 +124,9 @@ template <typename T, bool VECTOR>
 cudaError_t launch(int64_t* out, const T* logits, int64_t row_stride, int rows, int vocab, const float* temperatures,
                    const int64_t* keys, cudaStream_t stream) {
   const int slices = slices_per_row(rows);
-  if (slices == 1) {
-    sample_tokens_kernel<T, VECTOR><<<rows, kThreads, 0, stream>>>(out, logits, row_stride, vocab, temperatures, keys,
-                                                                  1);
-    return cudaGetLastError();
-  }
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = slices;
-  cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(rows * slices);
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, sample_tokens_kernel<T, VECTOR>, out, logits, row_stride, vocab, temperatures,
-                            keys, slices);
+  return launch_kernel(sample_tokens_kernel<T, VECTOR>,
+                       {dim3(rows * slices), dim3(kThreads), 0, static_cast<unsigned>(slices)}, stream, out, logits,
+                       row_stride, vocab, temperatures, keys, slices);
 }
 
 }  // namespace

@@ -10,11 +10,14 @@
 //   memory as fp32; the first weight loads are issued before the staging, so its latency hides behind them;
 // - blocks loop over row tiles (a persistent grid for the LM head), so the activations are staged once per
 //   block, not once per tile;
+// - under programmatic dependent launch the first weight loads are issued before the wait for the kernel in
+//   front (which produces the activations), so the weight stream overlaps that kernel's tail;
 // - each warp reduces its M x kRowsPerWarp sums with a transposing butterfly (31 shuffles at M = 8, not 160).
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
 
+#include "launch.cuh"
 #include "skinny_linear.h"
 #include "vec_utils.cuh"
 
@@ -159,6 +162,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(Problem p) {
   T* out = static_cast<T*>(p.out);
   const bool single_stage = p.stage_cols >= p.k;
   bool staged_once = false;
+  allow_dependent_launch();
 
   for (int tile = blockIdx.x; tile < p.num_tiles; tile += gridDim.x) {
     const int row0 = tile * rows_per_tile + group * R;
@@ -182,6 +186,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(Problem p) {
         }
         if (s0 == 0 && (!staged_once || !single_stage)) {
           if (staged_once) __syncthreads();  // every warp is done reading the previous slice
+          else wait_for_prior_grids();       // the activations are the previous kernel's output
           stage_activations<T, M, SILU>(staged, p, k0, cols);
           __syncthreads();
           staged_once = true;
@@ -243,10 +248,10 @@ template <typename T, int M, bool SILU>
 cudaError_t launch_typed(const Problem& base, cudaStream_t stream) {
   constexpr int V = kLoadElems<T>;
   Problem p = base;
-  int device = 0, sms = 0;
+  int device = 0;
   cudaError_t status = cudaGetDevice(&device);
-  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (status != cudaSuccess) return status;
+  const int sms = std::max(current_device_traits().multiprocessors, 1);
 
   const int max_stage_cols = kMaxStageBytes / (4 * M) / kStageColsMultiple * kStageColsMultiple;
   p.stage_cols = std::min(p.k, max_stage_cols);
@@ -276,8 +281,7 @@ cudaError_t launch_typed(const Problem& base, cudaStream_t stream) {
   status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, stage_bytes);
   if (status != cudaSuccess) return status;
   const int grid = std::min(p.num_tiles, std::max(blocks_per_sm, 1) * sms);
-  kernel<<<grid, kThreads, stage_bytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(kernel, {dim3(grid), dim3(kThreads), static_cast<size_t>(stage_bytes)}, stream, p);
 }
 
 template <typename T, bool SILU>

@@ -5,6 +5,7 @@
 // may be strided views of a fused qkv projection. blockDim.x threads walk one token's units (keys, then values),
 // blockDim.y tokens share a block so short rows still fill it.
 #include "elementwise_launchers.h"
+#include "launch.cuh"
 #include "vec_utils.cuh"
 
 namespace nanovllm::kernels {
@@ -17,6 +18,7 @@ __global__ void store_kvcache_kernel(const char* key, HeadLayout key_layout, con
                                      HeadLayout value_layout, char* k_cache, char* v_cache,
                                      const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads,
                                      int head_bytes) {
+  start_after_prior_grids();
   const int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (token >= num_tokens) return;
   const int64_t slot = slot_mapping[token];
@@ -45,10 +47,10 @@ cudaError_t launch(const void* key, HeadLayout key_layout, const void* value, He
   const int threads_x = units < kBlockThreads ? round_up(units, 32) : kBlockThreads;
   const dim3 block(threads_x, kBlockThreads / threads_x);
   const int64_t blocks = (num_tokens + block.y - 1) / block.y;
-  store_kvcache_kernel<Unit><<<static_cast<unsigned>(blocks), block, 0, stream>>>(
-      static_cast<const char*>(key), key_layout, static_cast<const char*>(value), value_layout,
-      static_cast<char*>(k_cache), static_cast<char*>(v_cache), slot_mapping, num_tokens, num_kv_heads, head_bytes);
-  return cudaGetLastError();
+  return launch_kernel(store_kvcache_kernel<Unit>, {dim3(static_cast<unsigned>(blocks)), block}, stream,
+                       static_cast<const char*>(key), key_layout, static_cast<const char*>(value), value_layout,
+                       static_cast<char*>(k_cache), static_cast<char*>(v_cache), slot_mapping, num_tokens,
+                       num_kv_heads, head_bytes);
 }
 
 }  // namespace

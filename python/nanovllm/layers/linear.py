@@ -16,6 +16,23 @@ def _divide(n: int, d: int, what: str) -> int:
     return n // d
 
 
+def skinny_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """A decode batch of at most SKINNY_LINEAR_MAX_ROWS rows on the GPU runs the skinny kernel instead of a GEMM:
+    a GEMM has too few output tiles at these sizes to keep every SM reading weights, and the kernel's weight
+    stream starts before the kernel in front of it has finished (programmatic dependent launch)."""
+    return (x.is_cuda and bias is None and weight.shape[1] % 8 == 0
+            and 0 < x.shape[0] <= nanovllm_cpp.SKINNY_LINEAR_MAX_ROWS)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), by the skinny kernel where it applies."""
+    if not skinny_applies(x, weight, bias):
+        return F.linear(x, weight, bias)
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    nanovllm_cpp.skinny_linear(y, x, weight)
+    return y
+
+
 class LinearBase(nn.Module):
     """tp_dim: the weight dim split across ranks (0 = output features, 1 = input features). A bias is split
     with the output features and replicated otherwise."""
@@ -45,7 +62,7 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded[:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -102,30 +119,18 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; partial outputs summed with an all-reduce (bias added once).
-
-    A decode batch of at most SKINNY_LINEAR_MAX_ROWS rows on the GPU runs the skinny kernel instead of a GEMM:
-    N is small here (hidden size), so a GEMM has too few output tiles to keep every SM reading weights."""
+    """Input features split across ranks; partial outputs summed with an all-reduce (bias added once)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, **tp):
         rank_size = tp_rank_and_size(tp.get("tp_rank"), tp.get("tp_size"))[1]
         super().__init__(_divide(input_size, rank_size, "input features"), output_size, bias, 1, **tp)
 
-    def _skinny(self, x: torch.Tensor) -> bool:
-        return (x.is_cuda and self.bias is None and self.weight.shape[1] % 8 == 0
-                and 0 < x.shape[0] <= nanovllm_cpp.SKINNY_LINEAR_MAX_ROWS)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._skinny(x):
-            y = x.new_empty(x.shape[0], self.weight.shape[0])
-            nanovllm_cpp.skinny_linear(y, x, self.weight)
-        else:
-            y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        return self._reduce(y)
+        return self._reduce(linear(x, self.weight, self.bias if self.tp_rank == 0 else None))
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """self(silu(gate) * up) for the fused [tokens, 2 * input] gate_up projection."""
-        if self._skinny(gate_up):
+        if skinny_applies(gate_up, self.weight, self.bias):
             y = gate_up.new_empty(gate_up.shape[0], self.weight.shape[0])
             nanovllm_cpp.silu_mul_skinny_linear(y, gate_up, self.weight)
             return self._reduce(y)
