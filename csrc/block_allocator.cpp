@@ -175,9 +175,10 @@ void BlockAllocator::register_block(Sequence& s, int index) {
 
 void BlockAllocator::commit(int64_t seq_id, int num_tokens) {
   Sequence& s = seq(seq_id);
-  if (num_tokens < 0 || num_tokens > static_cast<int>(s.tokens.size()))
+  const int known = static_cast<int>(s.tokens.size()) - s.pending;
+  if (num_tokens < 0 || num_tokens > known)
     throw std::invalid_argument(seq_name(seq_id) + ": cannot commit " + std::to_string(num_tokens) + " of " +
-                                std::to_string(s.tokens.size()) + " tokens");
+                                std::to_string(known) + " known tokens");
   if (!prefix_caching_) return;
   while ((s.num_hashed_blocks + 1) * block_size_ <= num_tokens) register_block(s, s.num_hashed_blocks);
 }
@@ -186,16 +187,25 @@ bool BlockAllocator::can_append(int64_t seq_id) const {
   return seq(seq_id).tokens.size() % block_size_ != 0 || num_free_ > 0;
 }
 
-void BlockAllocator::append(int64_t seq_id, int32_t token) {
-  Sequence& s = seq(seq_id);
-  check_tokens(&token, 1);
+void BlockAllocator::grow(int64_t seq_id, Sequence& s, int32_t token) {
+  if (s.pending) throw std::invalid_argument(seq_name(seq_id) + " already has a pending token");
   if (s.tokens.size() % block_size_ == 0) {
     if (num_free_ == 0) throw OutOfBlocksError(seq_name(seq_id) + " needs a new block but none is free");
     s.blocks.push_back(take_free_block());
   }
   s.tokens.push_back(token);
+}
+
+void BlockAllocator::register_if_full(Sequence& s) {
   const int full_blocks = static_cast<int>(s.tokens.size() / block_size_);
   if (prefix_caching_ && s.num_hashed_blocks == full_blocks - 1) register_block(s, full_blocks - 1);
+}
+
+void BlockAllocator::append(int64_t seq_id, int32_t token) {
+  Sequence& s = seq(seq_id);
+  check_tokens(&token, 1);
+  grow(seq_id, s, token);
+  register_if_full(s);
 }
 
 bool BlockAllocator::can_append_all(const std::vector<int64_t>& seq_ids) const {
@@ -212,6 +222,28 @@ void BlockAllocator::append_all(const std::vector<int64_t>& seq_ids, const std::
   if (!can_append_all(seq_ids))
     throw OutOfBlocksError("append_all: not enough free blocks for " + std::to_string(seq_ids.size()) + " sequences");
   for (size_t i = 0; i < seq_ids.size(); ++i) append(seq_ids[i], tokens[i]);
+}
+
+void BlockAllocator::append_pending_all(const std::vector<int64_t>& seq_ids) {
+  for (int64_t id : seq_ids)
+    if (seq(id).pending) throw std::invalid_argument(seq_name(id) + " already has a pending token");
+  if (!can_append_all(seq_ids))
+    throw OutOfBlocksError("append_pending_all: not enough free blocks for " + std::to_string(seq_ids.size()) +
+                           " sequences");
+  for (int64_t id : seq_ids) {
+    Sequence& s = seq(id);
+    grow(id, s, 0);  // a placeholder: no block holding it is hashed before fill_pending
+    s.pending = true;
+  }
+}
+
+void BlockAllocator::fill_pending(int64_t seq_id, int32_t token) {
+  Sequence& s = seq(seq_id);
+  if (!s.pending) throw std::invalid_argument(seq_name(seq_id) + " has no pending token");
+  check_tokens(&token, 1);
+  s.tokens.back() = token;
+  s.pending = false;
+  register_if_full(s);
 }
 
 void BlockAllocator::free(int64_t seq_id) {

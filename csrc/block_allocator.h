@@ -52,6 +52,12 @@ class BlockAllocator {
   // Whole-step forms: every sequence grows by one token, or none does.
   bool can_append_all(const std::vector<int64_t>& seq_ids) const;
   void append_all(const std::vector<int64_t>& seq_ids, const std::vector<int32_t>& tokens);
+  // Growing by one token whose id is not known yet (a decode step planned while the step that samples it still
+  // runs): each sequence's slot is taken now, every sequence or none (as append_all); the id arrives with
+  // fill_pending, and a block the token completes is hashed only then. One pending token per sequence at a time.
+  void append_pending_all(const std::vector<int64_t>& seq_ids);
+  void fill_pending(int64_t seq_id, int32_t token);
+  bool has_pending(int64_t seq_id) const { return seq(seq_id).pending; }
   void free(int64_t seq_id);
   // Forgets every cached block (their KV may be stale, e.g. after a step that was committed but never ran).
   // Only while no sequence holds blocks.
@@ -88,6 +94,7 @@ class BlockAllocator {
     std::vector<int32_t> tokens;
     std::vector<int32_t> blocks;
     int num_hashed_blocks = 0;
+    bool pending = false;  // the last token's id is not known yet
   };
 
   const Block& block(int block_id) const;
@@ -101,6 +108,9 @@ class BlockAllocator {
   int blocks_for(size_t num_tokens) const { return static_cast<int>((num_tokens + block_size_ - 1) / block_size_); }
   void check_tokens(const int32_t* tokens, size_t n) const;
   void register_block(Sequence& s, int index);
+  // One more token slot at the end of s (a new block when the last is full), holding `token`.
+  void grow(int64_t seq_id, Sequence& s, int32_t token);
+  void register_if_full(Sequence& s);
   int take_free_block();
   void unlink_free(int block_id);
   void push_free(int block_id, bool at_head);

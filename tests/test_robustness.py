@@ -279,15 +279,15 @@ def shared_memory() -> set[str]:
 
 
 def interrupt_model_run(llm, monkeypatch, at_call: int) -> None:
-    run = llm.model_runner.run
+    submit = llm.model_runner.submit
     calls = []
 
     def interrupted(batch):
         calls.append(batch.is_prefill)
         if len(calls) == at_call:
             raise KeyboardInterrupt
-        return run(batch)
-    monkeypatch.setattr(llm.model_runner, "run", interrupted)
+        return submit(batch)
+    monkeypatch.setattr(llm.model_runner, "submit", interrupted)
 
 
 def interrupt_progress_bar(monkeypatch, at_update: int) -> None:

@@ -179,15 +179,15 @@ def test_ctrl_c_mid_decode_on_gpu(model, monkeypatch):
     prompts = [[5 + i] * (10 + 7 * i) for i in range(12)]
     with LLM(model, max_model_len=256, max_num_seqs=16, num_kvcache_blocks=512) as llm:
         expected = [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-        run, calls = llm.model_runner.run, []
+        submit, calls = llm.model_runner.submit, []
 
         def interrupted(batch):
             calls.append(batch)
             if len(calls) == 5:
                 raise KeyboardInterrupt
-            return run(batch)
+            return submit(batch)
         with monkeypatch.context() as patch:
-            patch.setattr(llm.model_runner, "run", interrupted)
+            patch.setattr(llm.model_runner, "submit", interrupted)
             with pytest.raises(KeyboardInterrupt):
                 llm.generate(prompts, GREEDY, use_tqdm=False)
         assert_drained(llm)

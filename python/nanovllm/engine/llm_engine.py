@@ -47,6 +47,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, self.model_runner.num_blocks, self.eos_token_ids)
         self.model_runner.allocator = self.scheduler.allocator
         self._rng = random.Random()
+        self._in_flight = None  # (batch, inputs) of a step launched but not yet collected
 
     def _eos_token_ids(self, model: str) -> set[int]:
         """Every id the generation config lists as EOS (it may be a list), else the model config's."""
@@ -124,12 +125,25 @@ class LLMEngine:
         return token_ids
 
     # ---------------------------------------------------------------- generation
+    def has_work(self) -> bool:
+        return self._in_flight is not None or not self.scheduler.is_finished()
+
     def step(self) -> tuple[list[Sequence], int]:
-        """One scheduler step; returns the sequences that finished and the tokens processed
-        (positive for a prefill, negative for a decode)."""
-        batch = self.scheduler.schedule()
-        token_ids = self.model_runner.run(batch)
-        finished = self.scheduler.postprocess(batch, token_ids)
+        """Completes one scheduler step; returns the sequences that finished and the tokens processed (positive for
+        a prefill, negative for a decode). Where the next step is a decode that needs none of this step's results
+        but its tokens, it is launched before this one's tokens are read, so the host plans it while the device
+        runs this one, and the device never waits for the host between them."""
+        runner, scheduler = self.model_runner, self.scheduler
+        if self._in_flight is None:
+            batch = scheduler.schedule()
+            inputs = runner.submit(batch)
+        else:
+            batch, inputs = self._in_flight
+        self._in_flight = None
+        ahead = scheduler.schedule_ahead(batch)
+        if ahead is not None:
+            self._in_flight = (ahead, runner.submit(ahead))
+        finished = scheduler.postprocess(batch, runner.collect(inputs))
         if batch.is_prefill:
             return finished, sum(c.end - c.start for c in batch.chunks)
         return finished, -len(batch.seqs)
@@ -143,7 +157,7 @@ class LLMEngine:
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         prefill_tps = decode_tps = 0.0
         try:
-            while not self.scheduler.is_finished():
+            while self.has_work():
                 start = time.perf_counter()
                 finished, num_tokens = self.step()
                 elapsed = time.perf_counter() - start
@@ -156,6 +170,7 @@ class LLMEngine:
                     outputs[order[seq.seq_id]] = self._output(seq)
                     bar.update(1)
         except BaseException:
+            self._in_flight = None
             self.scheduler.abort_all()
             raise
         finally:
@@ -171,6 +186,7 @@ class LLMEngine:
         """Frees the model, the KV cache and the CUDA graphs; the engine is unusable afterwards."""
         if getattr(self, "model_runner", None) is None:
             return
+        self._in_flight = None
         self.scheduler.abort_all()
         self.model_runner.close()
         self.model_runner = None

@@ -38,6 +38,13 @@ def mix_seeds(seeds: np.ndarray, indices: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class LaunchedTokens:
+    """Where a launched step's sampled tokens arrive on the host, and the event that says they are there."""
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
+
+
+@dataclass
 class PrefillInputs:
     """A prefill step as host arrays: all a tensor-parallel worker needs to run it (with the staged bytes)."""
     input_ids: np.ndarray
@@ -49,6 +56,7 @@ class PrefillInputs:
     sampling_chunks: list[int]
     filtered: bool      # some sampled row has top-k / top-p
     staged_bytes: int   # the leading bytes of the step buffers this step sends
+    tokens: LaunchedTokens | None = None
 
     @property
     def num_samples(self) -> int:
@@ -63,6 +71,7 @@ class DecodeInputs:
     graph_bs: int | None
     filtered: bool
     staged_bytes: int
+    tokens: LaunchedTokens | None = None
 
     @property
     def num_samples(self) -> int:
@@ -112,12 +121,21 @@ class ModelRunner:
     # ---------------------------------------------------------------- buffers and KV cache
     def _allocate_decode_buffers(self) -> None:
         n = self.max_num_seqs
+        cuda = self.device.type == "cuda"
         self.buffers = StepBuffers(n, self.max_blocks, self.device)
         self.buffers.h["slots"][:] = -1
+        self.buffers.h["input_rows"][:] = np.arange(n, 2 * n)
         self.buffers.send(self.buffers.decode_bytes(n))  # padding rows store nothing, even in the warm-ups
-        self.d_tokens = torch.zeros(n, dtype=torch.int64, device=self.device)  # sampled tokens, row order
-        self.h_tokens = torch.zeros(n, dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        self.tokens_ready = torch.cuda.Event() if self.device.type == "cuda" else None
+        # A decode row's input id is token_pool[input_rows[row]]: the sampled tokens of the step before (rows
+        # 0..n-1, where the sampler writes), or the staged input ids (copied to rows n..2n-1 on the device).
+        self.token_pool = torch.zeros(2 * n, dtype=torch.int64, device=self.device)
+        self.d_tokens = self.token_pool[:n]
+        # Two of each: while a step's tokens travel to the host, the step after it may already be launched.
+        self.h_tokens = [torch.zeros(n, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
+        self.tokens_ready = [torch.cuda.Event() for _ in range(2)] if cuda else [None, None]
+        self.num_launches = 0
+        # Recorded after every copy of the staged bytes (in the graphs too): the host rewrites them only after it.
+        self.staged_sent = torch.cuda.Event(external=True) if cuda else None
 
     def _decode_context(self, rows: int) -> Context:
         d = self.buffers.d
@@ -218,11 +236,18 @@ class ModelRunner:
                  self.num_blocks * self.block_size, self.kv_cache.numel() * self.kv_cache.element_size() / (1 << 30))
 
     # ---------------------------------------------------------------- CUDA graphs
+    def _send_staged(self, nbytes: int) -> None:
+        self.buffers.send(nbytes)
+        if self.staged_sent is not None:
+            self.staged_sent.record()
+
     def _decode_forward(self, rows: int) -> torch.Tensor:
         """Model, LM head and sampler over the first rows of the step buffers (the body of a decode graph): the
         tokens land in d_tokens[:rows]; returns the logits (model dtype) for the top-k / top-p path."""
-        d = self.buffers.d
-        logits = self.model.compute_logits(self.model(d["input_ids"][:rows], d["positions"][:rows]))
+        d, n = self.buffers.d, self.max_num_seqs
+        self.token_pool[n:n + rows].copy_(d["input_ids"][:rows])
+        input_ids = self.token_pool.index_select(0, d["input_rows"][:rows])
+        logits = self.model.compute_logits(self.model(input_ids, d["positions"][:rows]))
         ops.sample_tokens(self.d_tokens[:rows], logits, d["temperatures"][:rows], d["keys"][:rows])
         return logits
 
@@ -236,7 +261,7 @@ class ModelRunner:
             self._decode_forward(bs)  # warm-up
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool):  # the staged inputs' copy too: one replay is the whole launch
-                self.buffers.send(self.buffers.decode_bytes(bs))
+                self._send_staged(self.buffers.decode_bytes(bs))
                 self.graph_logits[bs] = self._decode_forward(bs)
             pool = graph.pool()
             self.graphs[bs] = graph
@@ -247,9 +272,13 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> list[int]:
         """Runs the step; returns one sampled token per sequence of batch.sampling_seqs."""
+        return self.collect(self.submit(batch))
+
+    def submit(self, batch: Batch) -> PrefillInputs | DecodeInputs:
+        """Prepares and launches the step; collect(inputs) waits for its tokens."""
         inputs = self.prepare(batch)
         self.launch(inputs)
-        return self.collect(inputs)
+        return inputs
 
     @torch.inference_mode()
     def logits(self, batch: Batch) -> torch.Tensor:
@@ -261,7 +290,10 @@ class ModelRunner:
         return logits.float()
 
     def prepare(self, batch: Batch) -> PrefillInputs | DecodeInputs:
-        """The host part of a step: its inputs, in host arrays and the staged step buffers."""
+        """The host part of a step: its inputs, in host arrays and the staged step buffers (once the launched
+        step before it has read them)."""
+        if self.staged_sent is not None:
+            self.staged_sent.synchronize()
         return self._prefill_inputs(batch) if batch.is_prefill else self._decode_inputs(batch)
 
     @torch.inference_mode()
@@ -271,23 +303,28 @@ class ModelRunner:
         logits = self.execute(inputs) if self.tp is None else self.tp.run_step(inputs, self)
         n = inputs.num_samples
         if n:
-            self.h_tokens[:n].copy_(self.d_tokens[:n], non_blocking=True)
-            if self.tokens_ready is not None:
-                self.tokens_ready.record()
+            parity = self.num_launches % 2
+            self.num_launches += 1
+            inputs.tokens = LaunchedTokens(self.h_tokens[parity], self.tokens_ready[parity])
+            inputs.tokens.host[:n].copy_(self.d_tokens[:n], non_blocking=True)
+            if inputs.tokens.ready is not None:
+                inputs.tokens.ready.record()
         return logits
 
     def collect(self, inputs: PrefillInputs | DecodeInputs) -> list[int]:
         """Waits for the launched step's tokens."""
-        if self.tokens_ready is not None:
-            self.tokens_ready.synchronize()
-        return self.h_tokens.numpy()[:inputs.num_samples].tolist()
+        if not inputs.num_samples:
+            return []
+        if inputs.tokens.ready is not None:
+            inputs.tokens.ready.synchronize()
+        return inputs.tokens.host.numpy()[:inputs.num_samples].tolist()
 
     def execute(self, inputs: PrefillInputs | DecodeInputs) -> torch.Tensor:
         """The device part of a step, run by every tensor-parallel rank in the same order: model, LM head and
         sampler. The tokens land in d_tokens[:inputs.num_samples]; returns those rows' logits (model dtype)."""
         d, n = self.buffers.d, inputs.num_samples
         if isinstance(inputs, PrefillInputs):
-            self.buffers.send(inputs.staged_bytes)
+            self._send_staged(inputs.staged_bytes)
             logits = self.model.compute_logits(self._run_prefill(inputs))
             reset_context()
             if n and not inputs.filtered:
@@ -296,7 +333,7 @@ class ModelRunner:
             self.graphs[inputs.graph_bs].replay()  # it sends the staged inputs itself
             logits = self.graph_logits[inputs.graph_bs][:n]
         else:
-            self.buffers.send(inputs.staged_bytes)
+            self._send_staged(inputs.staged_bytes)
             set_context(self._decode_context(inputs.rows))
             logits = self._decode_forward(inputs.rows)
             reset_context()
@@ -314,9 +351,9 @@ class ModelRunner:
         params = [s.params for s in seqs]
         temperatures = h["temperatures"][:n]
         temperatures[:] = [p.temperature for p in params]
-        if temperatures.any():
+        if temperatures.any():  # the key of the token being sampled: its index, a pending token counted
             seeds = np.fromiter((s.seed for s in seqs), np.uint64, n)
-            indices = np.fromiter((len(s.token_ids) for s in seqs), np.uint64, n)
+            indices = np.fromiter((len(s.token_ids) + s.num_pending_tokens for s in seqs), np.uint64, n)
             h["keys"][:n] = mix_seeds(seeds, indices)
         filtered = any(p.top_k != -1 or p.top_p < 1 for p in params)
         if filtered:
@@ -369,12 +406,17 @@ class ModelRunner:
         graph_bs = next((bs for bs in self.graph_sizes if bs >= n), None) if self.graphs else None
         rows = graph_bs or n
         h = self.buffers.h
-        h["input_ids"][:n] = [s.last_token for s in seqs]
+        if batch.input_rows is None:
+            h["input_ids"][:n] = [s.last_token for s in seqs]
+            h["input_rows"][:n] = np.arange(self.max_num_seqs, self.max_num_seqs + n)
+        else:  # planned ahead: the inputs are the running step's tokens, still on the device
+            h["input_rows"][:n] = batch.input_rows
         self.allocator.fill_decode_inputs(ids, h["positions"], h["slots"], h["context_lens"])
         self.allocator.fill_block_tables(ids, h["block_tables"][:n], 0)
         if rows > n:  # padding rows of a captured graph: nothing stored, no attention
             for name, value in (("slots", -1), ("context_lens", 0), ("input_ids", 0), ("positions", 0)):
                 h[name][n:rows] = value
+            h["input_rows"][n:rows] = np.arange(self.max_num_seqs + n, self.max_num_seqs + rows)
         return DecodeInputs(n, rows, graph_bs, self._stage_sampling(seqs), self.buffers.decode_bytes(rows))
 
     def close(self) -> None:

@@ -3,6 +3,11 @@
 A step is either a prefill (new prompts, or chunks of long ones) or a decode of every running sequence.
 Prefill goes first. A sequence admitted but not fully prefilled stays at the head of the waiting queue, so
 at most one prompt is ever part-way through its prefill.
+
+While a decode step runs on the device, the next one can be planned without its tokens (schedule_ahead): each
+sequence's next slot is reserved with the token id pending, the step takes its input ids from the device, and
+postprocess fills the ids in. A sequence that the running step finishes (EOS, a stop token) has one wasted row
+in the planned step, whose token is dropped.
 """
 
 from collections import deque
@@ -30,6 +35,8 @@ class Batch:
     is_prefill: bool
     chunks: list[PrefillChunk]  # prefill steps
     seqs: list[Sequence]        # decode steps: every running sequence
+    # A step planned ahead: for each sequence, the row of the step before whose sampled token is its input.
+    input_rows: list[int] | None = None
 
     @property
     def sampling_seqs(self) -> list[Sequence]:
@@ -98,6 +105,26 @@ class Scheduler:
             seq.num_computed_tokens = len(seq)
         return list(self.running)
 
+    def schedule_ahead(self, batch: Batch) -> Batch | None:
+        """The decode step after `batch`, a decode step whose tokens are not known yet: every sequence of it
+        that its token does not bring to max_tokens. None where the next step must see those tokens first:
+        requests are waiting (a prefill comes first), or the KV cache is too full to grow every sequence."""
+        if batch.is_prefill or self.waiting:
+            return None
+        rows = [i for i, s in enumerate(batch.seqs)
+                if s.finish_reason is None and s.num_completion_tokens + 1 < s.params.max_tokens]
+        if not rows:
+            return None
+        seqs = [batch.seqs[i] for i in rows]
+        ids = [s.seq_id for s in seqs]
+        if not self.allocator.can_append_all(ids):
+            return None
+        self.allocator.append_pending_all(ids)
+        for seq in seqs:
+            seq.num_pending_tokens = 1
+            seq.num_computed_tokens = len(seq) + 1
+        return Batch(False, [], seqs, rows)
+
     def _preempt(self, seq: Sequence) -> None:
         """Drop the sequence's blocks; it is recomputed later (prompt + generated tokens, prefix cache helps)."""
         self.allocator.free(seq.seq_id)
@@ -109,10 +136,16 @@ class Scheduler:
         self.num_preemptions += 1
 
     def postprocess(self, batch: Batch, token_ids: list[int]) -> list[Sequence]:
-        """Append each sampled token; returns the sequences that finished (their blocks are freed)."""
+        """Append each sampled token; returns the sequences that finished (their blocks are freed). A sequence that
+        finished in an earlier step (this step ran ahead of that one's tokens) drops its token."""
         finished = []
         for seq, token in zip(batch.sampling_seqs, token_ids):
+            if seq.finish_reason is not None:
+                continue
             seq.token_ids.append(token)
+            if seq.num_pending_tokens:  # a step planned ahead computes this token's KV
+                self.allocator.fill_pending(seq.seq_id, token)
+                seq.num_pending_tokens = 0
             params = seq.params
             if not params.ignore_eos and token in self.eos_token_ids:
                 seq.finish_reason = "eos"

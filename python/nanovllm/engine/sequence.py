@@ -16,6 +16,8 @@ class Sequence:
         self.seed = seed
         # Tokens whose KV is computed or scheduled in the current step; 0 while the sequence holds no blocks.
         self.num_computed_tokens = 0
+        # 1 while a step planned ahead holds a slot for the token the running step samples (its id not known yet).
+        self.num_pending_tokens = 0
         self.admitted = False
         self.finish_reason: str | None = None
 

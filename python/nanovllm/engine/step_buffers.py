@@ -11,7 +11,8 @@ import torch
 
 # (name, dtype, one element per row or a block-table row), in buffer order.
 FIELDS = (("temperatures", torch.float32, False), ("keys", torch.int64, False), ("top_ks", torch.int64, False),
-          ("top_ps", torch.float32, False), ("input_ids", torch.int64, False), ("positions", torch.int64, False),
+          ("top_ps", torch.float32, False), ("input_ids", torch.int64, False), ("input_rows", torch.int64, False),
+          ("positions", torch.int64, False),
           ("slots", torch.int64, False), ("context_lens", torch.int32, False), ("block_tables", torch.int32, True))
 ALIGN = 16
 
