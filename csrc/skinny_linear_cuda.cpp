@@ -1,5 +1,5 @@
-// CUDA implementations of skinny_linear and silu_mul_skinny_linear (schemas in csrc/torch_bindings.cpp): check
-// the tensors, then call the launcher of csrc/kernels/skinny_linear.cu.
+// CUDA implementations of skinny_linear, silu_mul_skinny_linear and add_rms_norm_skinny_linear (schemas in
+// csrc/torch_bindings.cpp): check the tensors, then call the launcher of csrc/kernels/skinny_linear.cu.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -15,12 +15,15 @@ namespace {
 using nanovllm::kernels::DType;
 using nanovllm::kernels::kSkinnyLinearKMultiple;
 using nanovllm::kernels::kSkinnyLinearMaxRows;
+using nanovllm::kernels::SkinnyPrologue;
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-// out = a @ weight^T where a is x itself (silu_mul false) or silu(gate) * up of gate_up = [gate | up].
+// out = a @ weight^T where a is x as the prologue makes it (csrc/kernels/skinny_linear.h); the prologue's own
+// tensors are checked by its op.
 void run(const char* op, const at::Tensor& out, const at::Tensor& x, const char* x_name, const at::Tensor& weight,
-         bool silu_mul) {
+         const SkinnyPrologue& prologue) {
+  const bool silu_mul = prologue.kind == SkinnyPrologue::Kind::kSiluMul;
   for (const auto& [t, name] : {std::pair{&out, "out"}, {&x, x_name}, {&weight, "weight"}}) {
     TORCH_CHECK(t->is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t->device());
     TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but ", x_name, " is on ",
@@ -56,17 +59,48 @@ void run(const char* op, const at::Tensor& out, const at::Tensor& x, const char*
   const c10::cuda::CUDAGuard guard(x.device());
   const DType dtype = type == at::kFloat ? DType::Float32 : type == at::kHalf ? DType::Float16 : DType::BFloat16;
   const cudaError_t status = nanovllm::kernels::launch_skinny_linear(
-      dtype, out.data_ptr(), out.stride(0), x.data_ptr(), x.stride(0), weight.data_ptr(), static_cast<int>(rows),
-      static_cast<int>(n), static_cast<int>(k), silu_mul, c10::cuda::getCurrentCUDAStream());
+      dtype, out.data_ptr(), out.stride(0), x.data_ptr(), x.stride(0), prologue, weight.data_ptr(),
+      static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(status));
 }
 
 void skinny_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight) {
-  run("skinny_linear", out, x, "x", weight, false);
+  run("skinny_linear", out, x, "x", weight, {});
 }
 
 void silu_mul_skinny_linear(const at::Tensor& out, const at::Tensor& gate_up, const at::Tensor& weight) {
-  run("silu_mul_skinny_linear", out, gate_up, "gate_up", weight, true);
+  run("silu_mul_skinny_linear", out, gate_up, "gate_up", weight, {SkinnyPrologue::Kind::kSiluMul});
+}
+
+bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  const auto* a0 = static_cast<const char*>(a.data_ptr());
+  const auto* b0 = static_cast<const char*>(b.data_ptr());
+  return a0 < b0 + b.numel() * b.element_size() && b0 < a0 + a.numel() * a.element_size();
+}
+
+void add_rms_norm_skinny_linear(const at::Tensor& out, const at::Tensor& residual_out, const at::Tensor& x,
+                                const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+                                const at::Tensor& weight) {
+  constexpr const char* op = "add_rms_norm_skinny_linear";
+  for (const auto& [t, name] : {std::pair{&residual_out, "residual_out"}, {&residual, "residual"}}) {
+    TORCH_CHECK(t->is_cuda() && t->device() == x.device(), op, ": ", name, " must be on ", x.device());
+    TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->sizes() == x.sizes() && t->is_contiguous(), op, ": ",
+                name, " must be a contiguous ", x.scalar_type(), " tensor of x's shape ", x.sizes(), ", got ",
+                t->scalar_type(), " ", t->sizes(), " with strides ", t->strides());
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, op, ": ", name,
+                " must start at a 16-byte aligned address");
+  }
+  TORCH_CHECK(norm_weight.is_cuda() && norm_weight.device() == x.device() &&
+                  norm_weight.scalar_type() == x.scalar_type() && norm_weight.dim() == 1 &&
+                  norm_weight.size(0) == weight.size(1) && norm_weight.is_contiguous() && aligned16(norm_weight),
+              op, ": norm_weight must be a contiguous, 16-byte aligned ", x.scalar_type(), " [", weight.size(1),
+              "] tensor on ", x.device(), ", got ", norm_weight.scalar_type(), " ", norm_weight.sizes());
+  // Every block reads x and residual while the first one writes residual_out.
+  TORCH_CHECK(!overlaps(residual_out, x) && !overlaps(residual_out, residual), op,
+              ": residual_out must not overlap x or residual");
+  run(op, out, x, "x", weight,
+      {SkinnyPrologue::Kind::kAddRmsNorm, residual.data_ptr(), residual_out.data_ptr(), norm_weight.data_ptr(),
+       static_cast<float>(eps)});
 }
 
 }  // namespace
@@ -74,4 +108,5 @@ void silu_mul_skinny_linear(const at::Tensor& out, const at::Tensor& gate_up, co
 TORCH_LIBRARY_IMPL(nanovllm_cpp, CUDA, m) {
   m.impl("skinny_linear", &skinny_linear);
   m.impl("silu_mul_skinny_linear", &silu_mul_skinny_linear);
+  m.impl("add_rms_norm_skinny_linear", &add_rms_norm_skinny_linear);
 }

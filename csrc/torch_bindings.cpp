@@ -47,4 +47,11 @@ TORCH_LIBRARY(nanovllm_cpp, m) {
   // The MLP down projection with its activation: out = (silu(gate) * up) @ weight^T with gate_up [M, 2K] =
   // [gate | up], the activation computed in fp32; weight [N, K]; the same limits as skinny_linear.
   m.def("silu_mul_skinny_linear(Tensor(a!) out, Tensor gate_up, Tensor weight) -> ()");
+  // The projection after a residual add and RMSNorm: residual_out = x + residual, then out = rms_norm(
+  // residual_out, norm_weight, eps) @ weight^T, each rounded to the dtype as fused_add_rms_norm followed by
+  // skinny_linear would (out of place: residual_out must not overlap x or residual). residual, residual_out:
+  // contiguous, x's shape; norm_weight [K]; the same limits as skinny_linear.
+  m.def(
+      "add_rms_norm_skinny_linear(Tensor(a!) out, Tensor(b!) residual_out, Tensor x, Tensor residual, "
+      "Tensor norm_weight, float eps, Tensor weight) -> ()");
 }

@@ -1,7 +1,8 @@
 """nanovllm_cpp: the compiled core of nano-vLLM C++.
 
 - BlockAllocator: the paged KV cache's block manager with prefix caching (C++, pybind11).
-- store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul, paged_attention_decode: torch ops
+- store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul, paged_attention_decode, the skinny
+  decode GEMVs (skinny_linear, silu_mul_skinny_linear, add_rms_norm_skinny_linear): torch ops
   (torch.ops.nanovllm_cpp.*) with hand-written CUDA kernels and PyTorch references on the CPU.
 - CUDA_ENABLED: False when the build skipped the CUDA kernels (CPU-only torch or no nvcc).
 """
@@ -34,6 +35,7 @@ from nanovllm_cpp._C import AllocatorStats, BlockAllocator, OutOfBlocksError
 from nanovllm_cpp.ops import (
     CUDA_ENABLED,
     SKINNY_LINEAR_MAX_ROWS,
+    add_rms_norm_skinny_linear,
     fused_add_rms_norm,
     paged_attention_decode,
     paged_attention_workspace,
@@ -48,7 +50,8 @@ from nanovllm_cpp.ops import (
 )
 
 __all__ = [
-    "AllocatorStats", "BlockAllocator", "OutOfBlocksError", "CUDA_ENABLED", "fused_add_rms_norm",
+    "AllocatorStats", "BlockAllocator", "OutOfBlocksError", "CUDA_ENABLED", "add_rms_norm_skinny_linear",
+    "fused_add_rms_norm",
     "paged_attention_decode", "paged_attention_workspace", "paged_attention_workspace_size", "qk_norm_rotary_store",
     "rms_norm", "rotary_embedding", "silu_and_mul", "silu_mul_skinny_linear", "skinny_linear",
     "SKINNY_LINEAR_MAX_ROWS", "store_kvcache",

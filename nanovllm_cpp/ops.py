@@ -18,7 +18,8 @@ if not CUDA_ENABLED and torch.cuda.is_available():
                   "pip install --no-build-isolation .", stacklevel=2)
 _ops = torch.ops.nanovllm_cpp
 _OP_NAMES = ("store_kvcache", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "qk_norm_rotary_store",
-             "silu_and_mul", "paged_attention_decode", "sample_tokens", "skinny_linear", "silu_mul_skinny_linear")
+             "silu_and_mul", "paged_attention_decode", "sample_tokens", "skinny_linear", "silu_mul_skinny_linear",
+             "add_rms_norm_skinny_linear")
 
 # Most activation rows skinny_linear and silu_mul_skinny_linear take (kSkinnyLinearMaxRows in
 # csrc/kernels/skinny_linear.h); larger batches belong to a GEMM.
@@ -154,3 +155,16 @@ def silu_mul_skinny_linear(out: torch.Tensor, gate_up: torch.Tensor, weight: tor
     same limits as skinny_linear.
     """
     _ops.silu_mul_skinny_linear(out, gate_up, weight)
+
+
+def add_rms_norm_skinny_linear(out: torch.Tensor, residual_out: torch.Tensor, x: torch.Tensor,
+                               residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                               weight: torch.Tensor) -> None:
+    """fused_add_rms_norm then skinny_linear in one launch, out of place: residual_out = x + residual and
+    out = rms_norm(residual_out) * norm_weight @ weight^T, rounded to the dtype at the same points.
+
+    residual and residual_out: contiguous, x's shape, residual_out apart from both inputs; norm_weight: [K]. The
+    same limits as skinny_linear. Every block of the GEMV normalizes the (few) rows itself, so the norm costs no
+    launch of its own.
+    """
+    _ops.add_rms_norm_skinny_linear(out, residual_out, x, residual, norm_weight, eps, weight)

@@ -119,6 +119,14 @@ def silu_mul_skinny_linear(out: torch.Tensor, gate_up: torch.Tensor, weight: tor
     out.copy_((torch.nn.functional.silu(gate) * up) @ weight.float().T)
 
 
+def add_rms_norm_skinny_linear(out: torch.Tensor, residual_out: torch.Tensor, x: torch.Tensor,
+                               residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                               weight: torch.Tensor) -> None:
+    residual_out.copy_(residual.float() + x.float())
+    normed = rms_norm_fp32(residual_out, norm_weight, eps).to(x.dtype)
+    out.copy_(normed.float() @ weight.float().T)
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit xor-shift-multiply hash on int64 lanes holding values < 2**32."""
     mask = 0xFFFFFFFF

@@ -1,4 +1,5 @@
-"""skinny_linear and silu_mul_skinny_linear (decode-sized GEMMs, M <= 8) against fp64 references.
+"""skinny_linear, silu_mul_skinny_linear and add_rms_norm_skinny_linear (decode-sized GEMMs, M <= 8) against
+fp64 references.
 
 Every check draws fresh random inputs and writes into a view of a NaN-poisoned wider buffer: every element of
 out must be written and nothing beside it. Relative error ||out - ref|| / ||ref|| <= 1e-2 for bf16, 2e-3 for
@@ -25,6 +26,8 @@ ROWS = list(range(1, ops.SKINNY_LINEAR_MAX_ROWS + 1))
 QWEN3_SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 1024)]
 ODD_SHAPES = [(1000, 1024), (4100, 520), (1, 8), (37, 8200), (100, 25000)]
 DOWN_SHAPES = [(1024, 3072), (1000, 1024), (37, 8200)]  # (N, K) of the down projection; gate_up is [M, 2K]
+# (N, K) after a residual add + RMSNorm: qkv and gate_up of Qwen3-0.6B, odd N, K staged in slices at M = 8.
+NORM_SHAPES = [(4096, 1024), (6144, 1024), (1000, 520), (37, 8200)]
 
 worst_errors: dict[str, float] = {}
 
@@ -70,6 +73,27 @@ def silu_mul_fp64(gate_up: torch.Tensor, k: int) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def add_rms_norm_inputs(rows: int, k: int, dtype: torch.dtype, device: str = "cuda"):
+    """x, residual and norm_weight, and the fp64 reference of the normalized rows (rounded to the dtype, as the
+    op rounds them) and of x + residual (rounded likewise)."""
+    x, residual = (torch.randn(rows, k, device=device).to(dtype) for _ in range(2))
+    norm_weight = (1 + 0.2 * torch.randn(k, device=device)).to(dtype)
+    summed = (x.double() + residual.double()).to(dtype)
+    normed = summed.double() * torch.rsqrt(summed.double().pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight.double()
+    return x, residual, norm_weight, normed.to(dtype).double(), summed
+
+
+def check_add_rms_norm_skinny_linear(name, dtype, rows, n, k, weight, device="cuda"):
+    x, residual, norm_weight, normed, summed = add_rms_norm_inputs(rows, k, dtype, device)
+    buffer, out = poisoned_out(rows, n, dtype, device)
+    residual_out = torch.full_like(residual, float("nan"))
+    inputs = (x.clone(), residual.clone())
+    ops.add_rms_norm_skinny_linear(out, residual_out, x, residual, norm_weight, 1e-6, weight)
+    assert torch.equal(x, inputs[0]) and torch.equal(residual, inputs[1]), f"{name}: an input was written"
+    assert torch.equal(residual_out, summed), f"{name}: residual_out is not x + residual rounded"
+    check(name, buffer, out, normed @ weight.double().T)
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 
 
@@ -97,6 +121,31 @@ def test_silu_mul_skinny_linear(dtype, rows, shape):
     buffer, out = poisoned_out(rows, n, dtype)
     ops.silu_mul_skinny_linear(out, gate_up, weight)
     check("silu_mul_skinny_linear", buffer, out, silu_mul_fp64(gate_up, k) @ weight.double().T)
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}")
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_skinny_linear(dtype, rows, shape):
+    n, k = shape
+    check_add_rms_norm_skinny_linear("add_rms_norm_skinny_linear", dtype, rows, n, k, cached_weight(n, k, dtype))
+
+
+@requires_cuda
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_add_rms_norm_skinny_linear_equals_the_two_ops(rows):
+    """The same function as fused_add_rms_norm then skinny_linear, up to the order of the norm's sum."""
+    n, k, dtype = 4096, 1024, torch.bfloat16
+    weight = cached_weight(n, k, dtype)
+    x, residual, norm_weight, _, _ = add_rms_norm_inputs(rows, k, dtype)
+    out, residual_out = torch.empty(rows, n, device="cuda", dtype=dtype), torch.empty_like(residual)
+    ops.add_rms_norm_skinny_linear(out, residual_out, x, residual, norm_weight, 1e-6, weight)
+    ops.fused_add_rms_norm(x, residual, norm_weight, 1e-6)
+    separate = torch.empty_like(out)
+    ops.skinny_linear(separate, x, weight)
+    assert torch.equal(residual_out, residual)
+    assert ((out.double() - separate.double()).norm() / separate.double().norm()).item() < 1e-3
 
 
 @requires_cuda
@@ -180,6 +229,21 @@ def test_rejects_bad_input():
         ops.silu_mul_skinny_linear(out, x, weight)
     with pytest.raises(RuntimeError, match="gate_up has dtype"):
         ops.silu_mul_skinny_linear(out.float(), torch.randn(4, 128, device="cuda").int(), weight.float())
+    residual, norm_weight = torch.randn(4, 64, **bf16), torch.ones(64, **bf16)
+    norm_cases = [
+        ("residual must be a contiguous", (out, torch.empty(4, 64, **bf16), x, residual[:, :32], norm_weight)),
+        ("residual_out must be a contiguous", (out, torch.empty(4, 64, 2, **bf16)[..., 0], x, residual,
+                                                norm_weight)),
+        ("residual_out must be a contiguous", (out, torch.empty(4, 64, device="cuda"), x, residual, norm_weight)),
+        (r"norm_weight must be a contiguous, 16-byte aligned BFloat16 \[64\]",
+         (out, torch.empty(4, 64, **bf16), x, residual, torch.ones(32, **bf16))),
+        ("residual_out must not overlap x or residual", (out, residual, x, residual, norm_weight)),
+        ("residual_out must not overlap x or residual", (out, x, x, residual, norm_weight)),
+        ("residual must be on", (out, torch.empty(4, 64, **bf16), x, residual.cpu(), norm_weight)),
+    ]
+    for message, (o, r_out, xx, r, w) in norm_cases:
+        with pytest.raises(RuntimeError, match=message):
+            ops.add_rms_norm_skinny_linear(o, r_out, xx, r, w, 1e-6, weight)
     # The limit itself is accepted.
     ops.skinny_linear(torch.empty(limit, 32, **bf16), torch.randn(limit, 64, **bf16), weight)
 
@@ -193,6 +257,10 @@ def test_cuda_opcheck(rows):
     torch.library.opcheck(torch.ops.nanovllm_cpp.skinny_linear.default, (out, x, weight))
     gate_up = torch.randn(rows, 128, device="cuda", dtype=torch.bfloat16)
     torch.library.opcheck(torch.ops.nanovllm_cpp.silu_mul_skinny_linear.default, (out, gate_up, weight))
+    residual, residual_out = torch.randn_like(x), torch.empty_like(x)
+    torch.library.opcheck(torch.ops.nanovllm_cpp.add_rms_norm_skinny_linear.default,
+                          (out, residual_out, x, residual, torch.ones(64, device="cuda", dtype=torch.bfloat16), 1e-6,
+                           weight))
 
 
 # ---------------------------------------------------------------------------------------------------- CPU
@@ -209,6 +277,7 @@ def test_cpu_reference(dtype):
     buffer, out = poisoned_out(3, 40, dtype, device="cpu")
     ops.silu_mul_skinny_linear(out, gate_up, weight)
     check("silu_mul_skinny_linear cpu", buffer, out, silu_mul_fp64(gate_up, 64) @ weight.double().T)
+    check_add_rms_norm_skinny_linear("add_rms_norm_skinny_linear cpu", dtype, 3, 40, 64, weight, device="cpu")
 
 
 def test_cpu_opcheck():
@@ -218,3 +287,6 @@ def test_cpu_opcheck():
     torch.library.opcheck(torch.ops.nanovllm_cpp.skinny_linear.default, (out, x, weight))
     torch.library.opcheck(torch.ops.nanovllm_cpp.silu_mul_skinny_linear.default,
                           (out, torch.randn(3, 128, dtype=torch.bfloat16), weight))
+    torch.library.opcheck(torch.ops.nanovllm_cpp.add_rms_norm_skinny_linear.default,
+                          (out, torch.empty_like(x), x, torch.randn_like(x), torch.ones(64, dtype=torch.bfloat16), 1e-6,
+                           weight))

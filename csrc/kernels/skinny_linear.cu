@@ -6,8 +6,9 @@
 //   lane keeps 8 loads in flight;
 // - small N splits K over `split` warps of the block (their partial sums meet in shared memory), so even
 //   N = 1024 fills every SM;
-// - the activations (or silu(gate) * up, for the MLP down projection) are staged once per block in shared
-//   memory as fp32; the first weight loads are issued before the staging, so its latency hides behind them;
+// - the activations (or silu(gate) * up, for the MLP down projection; or rms_norm(x + residual) * w, for the
+//   projection after a residual add and norm) are staged once per block in shared memory as fp32; the first
+//   weight loads are issued before the staging, so its latency hides behind them;
 // - blocks loop over row tiles (a persistent grid for the LM head), so the activations are staged once per
 //   block, not once per tile;
 // - under programmatic dependent launch the first weight loads are issued before the wait for the kernel in
@@ -39,6 +40,7 @@ struct Problem {
   int64_t out_row_stride;
   const void* x;
   int64_t x_row_stride;
+  SkinnyPrologue prologue;
   const void* weight;
   int n;
   int k;
@@ -88,22 +90,59 @@ __device__ __forceinline__ int staged_offset(int m, int col, int cols) {
   return m * cols + (col % V) / 4 * (cols / (V / 4)) + col / V * 4;
 }
 
+// x + residual rounded to T, as fused_add_rms_norm stores it.
+template <typename T>
+__device__ __forceinline__ Pack<T, 8> residual_sum(const Problem& p, int m, int col) {
+  const Pack<T, 8> x = load_pack<T, 8>(static_cast<const T*>(p.x) + m * p.x_row_stride + col);
+  const Pack<T, 8> r = load_pack<T, 8>(static_cast<const T*>(p.prologue.residual) + m * p.k + col);
+  Pack<T, 8> sum;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) sum.v[j] = from_float<T>(to_float(r.v[j]) + to_float(x.v[j]));
+  return sum;
+}
+
+// kAddRmsNorm, once per block before the first staging: inv_rms[m] of row m of x + residual (warp m), and block 0
+// writes those sums to residual_out.
+template <typename T, int M>
+__device__ void compute_row_scales(const Problem& p, float* inv_rms) {
+  static_assert(M <= kWarps, "one warp per row");
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (warp >= M) return;
+  float sum_squares = 0.f;
+  for (int col = lane * 8; col < p.k; col += 32 * 8) {
+    const Pack<T, 8> sum = residual_sum<T>(p, warp, col);
+    if (blockIdx.x == 0) store_pack(static_cast<T*>(p.prologue.residual_out) + warp * p.k + col, sum);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) sum_squares += to_float(sum.v[j]) * to_float(sum.v[j]);
+  }
+  for (int offset = 16; offset > 0; offset /= 2) sum_squares += __shfl_xor_sync(0xffffffffu, sum_squares, offset);
+  if (lane == 0) inv_rms[warp] = rsqrtf(sum_squares / p.k + p.prologue.eps);
+}
+
 // Stages a[m][k0 + col] in fp32 for col < cols (layout: staged_offset); every thread of the block calls it.
-template <typename T, int M, bool SILU>
-__device__ void stage_activations(float* staged, const Problem& p, int k0, int cols) {
+template <typename T, int M, SkinnyPrologue::Kind P>
+__device__ void stage_activations(float* staged, const Problem& p, int k0, int cols, const float* inv_rms) {
   const T* x = static_cast<const T*>(p.x);
   const int packs_per_row = cols / 8;
   for (int i = threadIdx.x; i < M * packs_per_row; i += kThreads) {
     const int m = i / packs_per_row;
     const int col = (i % packs_per_row) * 8;
     const T* row = x + m * p.x_row_stride + k0 + col;
-    const Pack<T, 8> first = load_pack<T, 8>(row);
     float values[8];
-    if constexpr (SILU) {
+    if constexpr (P == SkinnyPrologue::Kind::kSiluMul) {
+      const Pack<T, 8> first = load_pack<T, 8>(row);
       const Pack<T, 8> up = load_pack<T, 8>(row + p.k);
 #pragma unroll
       for (int j = 0; j < 8; ++j) values[j] = silu(to_float(first.v[j])) * to_float(up.v[j]);
+    } else if constexpr (P == SkinnyPrologue::Kind::kAddRmsNorm) {
+      // Rounded to T as rms_norm's output is, so the product is that of the two unfused ops.
+      const Pack<T, 8> sum = residual_sum<T>(p, m, k0 + col);
+      const Pack<T, 8> w = load_pack<T, 8>(static_cast<const T*>(p.prologue.norm_weight) + k0 + col);
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        values[j] = to_float(from_float<T>(to_float(sum.v[j]) * inv_rms[m] * to_float(w.v[j])));
     } else {
+      const Pack<T, 8> first = load_pack<T, 8>(row);
 #pragma unroll
       for (int j = 0; j < 8; ++j) values[j] = to_float(first.v[j]);
     }
@@ -139,8 +178,10 @@ __device__ __forceinline__ void warp_transpose_sum(float (&sums)[kSize], int lan
   }
 }
 
-template <typename T, int M, bool SILU>
-__global__ void __launch_bounds__(kThreads) skinny_linear_kernel(Problem p) {
+// Two blocks per SM at M <= 2 (64 registers, a few spilled): a block of the next kernel then fits beside one of
+// this, so its weight loads start under programmatic launch (batch-1 decode step 0.89 -> 0.81 ms on an H200).
+template <typename T, int M, SkinnyPrologue::Kind P>
+__global__ void __launch_bounds__(kThreads, M <= 2 ? 2 : 1) skinny_linear_kernel(Problem p) {
   constexpr int V = kLoadElems<T>;
   constexpr int R = kRowsPerWarp;
   constexpr int U = kStepsPerBatch;
@@ -151,6 +192,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(Problem p) {
   extern __shared__ float4 stage_storage[];
   float* staged = reinterpret_cast<float*>(stage_storage);
   __shared__ float partials[kWarps][32];
+  __shared__ float inv_rms[M];
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -185,9 +227,16 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(Problem p) {
           }
         }
         if (s0 == 0 && (!staged_once || !single_stage)) {
-          if (staged_once) __syncthreads();  // every warp is done reading the previous slice
-          else wait_for_prior_grids();       // the activations are the previous kernel's output
-          stage_activations<T, M, SILU>(staged, p, k0, cols);
+          if (staged_once) {
+            __syncthreads();  // every warp is done reading the previous slice
+          } else {
+            wait_for_prior_grids();  // the activations are the previous kernel's output
+            if constexpr (P == SkinnyPrologue::Kind::kAddRmsNorm) {
+              compute_row_scales<T, M>(p, inv_rms);
+              __syncthreads();
+            }
+          }
+          stage_activations<T, M, P>(staged, p, k0, cols, inv_rms);
           __syncthreads();
           staged_once = true;
         }
@@ -244,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(Problem p) {
   }
 }
 
-template <typename T, int M, bool SILU>
+template <typename T, int M, SkinnyPrologue::Kind P>
 cudaError_t launch_typed(const Problem& base, cudaStream_t stream) {
   constexpr int V = kLoadElems<T>;
   Problem p = base;
@@ -267,7 +316,7 @@ cudaError_t launch_typed(const Problem& base, cudaStream_t stream) {
   while (p.split < kMaxSplit && tiles_for(p.split) < sms && 32 * p.split < loads_per_row) p.split *= 2;
   p.num_tiles = tiles_for(p.split);
 
-  const auto kernel = skinny_linear_kernel<T, M, SILU>;
+  const auto kernel = skinny_linear_kernel<T, M, P>;
   const int stage_bytes = M * p.stage_cols * static_cast<int>(sizeof(float));
   // The opt-in above 48 KiB of dynamic shared memory is per device; set it once for each.
   static std::atomic<uint64_t> large_stage_allowed{0};
@@ -284,17 +333,17 @@ cudaError_t launch_typed(const Problem& base, cudaStream_t stream) {
   return launch_kernel(kernel, {dim3(grid), dim3(kThreads), static_cast<size_t>(stage_bytes)}, stream, p);
 }
 
-template <typename T, bool SILU>
+template <typename T, SkinnyPrologue::Kind P>
 cudaError_t launch_rows(int rows, const Problem& p, cudaStream_t stream) {
   switch (rows) {
-    case 1: return launch_typed<T, 1, SILU>(p, stream);
-    case 2: return launch_typed<T, 2, SILU>(p, stream);
-    case 3: return launch_typed<T, 3, SILU>(p, stream);
-    case 4: return launch_typed<T, 4, SILU>(p, stream);
-    case 5: return launch_typed<T, 5, SILU>(p, stream);
-    case 6: return launch_typed<T, 6, SILU>(p, stream);
-    case 7: return launch_typed<T, 7, SILU>(p, stream);
-    case 8: return launch_typed<T, 8, SILU>(p, stream);
+    case 1: return launch_typed<T, 1, P>(p, stream);
+    case 2: return launch_typed<T, 2, P>(p, stream);
+    case 3: return launch_typed<T, 3, P>(p, stream);
+    case 4: return launch_typed<T, 4, P>(p, stream);
+    case 5: return launch_typed<T, 5, P>(p, stream);
+    case 6: return launch_typed<T, 6, P>(p, stream);
+    case 7: return launch_typed<T, 7, P>(p, stream);
+    case 8: return launch_typed<T, 8, P>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -303,16 +352,21 @@ static_assert(kSkinnyLinearMaxRows == 8, "launch_rows instantiates one kernel pe
 }  // namespace
 
 cudaError_t launch_skinny_linear(DType dtype, void* out, int64_t out_row_stride, const void* x,
-                                 int64_t x_row_stride, const void* weight, int rows, int n_out, int k, bool silu_mul,
-                                 cudaStream_t stream) {
+                                 int64_t x_row_stride, const SkinnyPrologue& prologue, const void* weight, int rows,
+                                 int n_out, int k, cudaStream_t stream) {
   if (rows < 1 || rows > kSkinnyLinearMaxRows || n_out < 0 || k <= 0 || k % kSkinnyLinearKMultiple != 0)
     return cudaErrorInvalidValue;
   if (n_out == 0) return cudaSuccess;
-  const Problem p{out, out_row_stride, x, x_row_stride, weight, n_out, k, 1, k, 0};
+  const Problem p{out, out_row_stride, x, x_row_stride, prologue, weight, n_out, k, 1, k, 0};
+  using Kind = SkinnyPrologue::Kind;
   cudaError_t status = cudaSuccess;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    status = silu_mul ? launch_rows<T, true>(rows, p, stream) : launch_rows<T, false>(rows, p, stream);
+    switch (prologue.kind) {
+      case Kind::kNone: status = launch_rows<T, Kind::kNone>(rows, p, stream); break;
+      case Kind::kSiluMul: status = launch_rows<T, Kind::kSiluMul>(rows, p, stream); break;
+      case Kind::kAddRmsNorm: status = launch_rows<T, Kind::kAddRmsNorm>(rows, p, stream); break;
+    }
   });
   return status;
 }

@@ -170,12 +170,16 @@ class LLMEngine:
                     outputs[order[seq.seq_id]] = self._output(seq)
                     bar.update(1)
         except BaseException:
-            self._in_flight = None
-            self.scheduler.abort_all()
+            self.abort()
             raise
         finally:
             bar.close()
         return outputs
+
+    def abort(self) -> None:
+        """Drops every request, the step in flight included; the engine stays usable."""
+        self._in_flight = None
+        self.scheduler.abort_all()
 
     def _output(self, seq: Sequence) -> RequestOutput:
         ids = seq.completion_token_ids
@@ -186,8 +190,7 @@ class LLMEngine:
         """Frees the model, the KV cache and the CUDA graphs; the engine is unusable afterwards."""
         if getattr(self, "model_runner", None) is None:
             return
-        self._in_flight = None
-        self.scheduler.abort_all()
+        self.abort()
         self.model_runner.close()
         self.model_runner = None
         if self.tensor_parallel is not None:

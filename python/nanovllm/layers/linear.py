@@ -16,26 +16,44 @@ def _divide(n: int, d: int, what: str) -> int:
     return n // d
 
 
-def skinny_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """A decode batch of at most SKINNY_LINEAR_MAX_ROWS rows on the GPU runs the skinny kernel instead of a GEMM:
-    a GEMM has too few output tiles at these sizes to keep every SM reading weights, and the kernel's weight
-    stream starts before the kernel in front of it has finished (programmatic dependent launch)."""
-    return (x.is_cuda and bias is None and weight.shape[1] % 8 == 0
-            and 0 < x.shape[0] <= nanovllm_cpp.SKINNY_LINEAR_MAX_ROWS)
+def skinny_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int) -> bool:
+    """A decode batch of at most max_rows rows on the GPU runs the skinny kernel instead of a GEMM: a GEMM has too
+    few output tiles at these sizes to keep every SM reading weights, and the kernel's weight stream starts before
+    the kernel in front of it has finished (programmatic dependent launch)."""
+    return x.is_cuda and bias is None and weight.shape[1] % 8 == 0 and 0 < x.shape[0] <= max_rows
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), by the skinny kernel where it applies."""
-    if not skinny_applies(x, weight, bias):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, skinny_max_rows: int) -> torch.Tensor:
+    """F.linear(x, weight, bias), by the skinny kernel up to skinny_max_rows rows."""
+    if not skinny_applies(x, weight, bias, skinny_max_rows):
         return F.linear(x, weight, bias)
     y = x.new_empty(x.shape[0], weight.shape[0])
     nanovllm_cpp.skinny_linear(y, x, weight)
     return y
 
 
+def add_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm, proj: "LinearBase"):
+    """(proj(norm(x + residual)), x + residual) for an RMSNorm `norm` and a linear layer whose output needs no
+    reduction; without a residual, (proj(norm(x)), x). Where the skinny kernel applies, one launch does the add,
+    the norm and the projection (the new residual out of place)."""
+    if residual is None:
+        return proj(norm(x)), x
+    if not skinny_applies(x, proj.weight, proj.bias, proj.skinny_max_rows):
+        hidden, residual = norm(x, residual)
+        return proj(hidden), residual
+    y = x.new_empty(x.shape[0], proj.weight.shape[0])
+    residual_out = torch.empty_like(residual)
+    nanovllm_cpp.add_rms_norm_skinny_linear(y, residual_out, x, residual, norm.weight, norm.eps, proj.weight)
+    return y, residual_out
+
+
 class LinearBase(nn.Module):
     """tp_dim: the weight dim split across ranks (0 = output features, 1 = input features). A bias is split
     with the output features and replicated otherwise."""
+
+    # Most rows for which the skinny kernel beats cuBLAS in a decode graph (measured on an H200): every row count it
+    # takes where K is 2-3x the hidden size (o_proj, down), up to 2 where K is the hidden size (qkv, gate_up).
+    skinny_max_rows = nanovllm_cpp.SKINNY_LINEAR_MAX_ROWS
 
     def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int,
                  tp_rank: int | None = None, tp_size: int | None = None):
@@ -62,11 +80,12 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded[:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.skinny_max_rows)
 
 
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; no communication."""
+    skinny_max_rows = 2
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, **tp):
         rank_size = tp_rank_and_size(tp.get("tp_rank"), tp.get("tp_size"))[1]
@@ -126,11 +145,11 @@ class RowParallelLinear(LinearBase):
         super().__init__(_divide(input_size, rank_size, "input features"), output_size, bias, 1, **tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._reduce(linear(x, self.weight, self.bias if self.tp_rank == 0 else None))
+        return self._reduce(linear(x, self.weight, self.bias if self.tp_rank == 0 else None, self.skinny_max_rows))
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """self(silu(gate) * up) for the fused [tokens, 2 * input] gate_up projection."""
-        if skinny_applies(gate_up, self.weight, self.bias):
+        if skinny_applies(gate_up, self.weight, self.bias, self.skinny_max_rows):
             y = gate_up.new_empty(gate_up.shape[0], self.weight.shape[0])
             nanovllm_cpp.silu_mul_skinny_linear(y, gate_up, self.weight)
             return self._reduce(y)

@@ -8,7 +8,7 @@ import nanovllm_cpp
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
-from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, add_norm_linear
 from nanovllm.layers.rotary import RotaryEmbedding, rope_settings
 from nanovllm.utils.context import get_context
 
@@ -34,8 +34,9 @@ class DecoderAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, config.rms_norm_eps) if qk_norm else None
         self.norm_eps = config.rms_norm_eps
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], -1)
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv: the output of qkv_proj (the decoder layer applies it, fused with the norm before it)."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -57,8 +58,9 @@ class MLP(nn.Module):
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r} (only silu)")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj.forward_silu_mul(self.gate_up_proj(x))
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up: the output of gate_up_proj (the decoder layer applies it, fused with the norm before it)."""
+        return self.down_proj.forward_silu_mul(gate_up)
 
 
 class DecoderLayer(nn.Module):
@@ -70,13 +72,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions, hidden, residual):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        qkv, residual = add_norm_linear(hidden, residual, self.input_layernorm, self.self_attn.qkv_proj)
+        hidden = self.self_attn(positions, qkv)
+        gate_up, residual = add_norm_linear(hidden, residual, self.post_attention_layernorm, self.mlp.gate_up_proj)
+        return self.mlp(gate_up), residual
 
 
 class DecoderModel(nn.Module):
