@@ -101,17 +101,17 @@ __device__ __forceinline__ Pack<T, 8> residual_sum(const Problem& p, int m, int 
   return sum;
 }
 
-// kAddRmsNorm, once per block before the first staging: inv_rms[m] of row m of x + residual (warp m), and block 0
-// writes those sums to residual_out.
+// kAddRmsNorm, once per block before the first staging: inv_rms[m] of row m of x + residual (warp m). Loads only
+// (block 0 writes the sums when it stages them), so the unrolled loads of a lane go out together.
 template <typename T, int M>
 __device__ void compute_row_scales(const Problem& p, float* inv_rms) {
   static_assert(M <= kWarps, "one warp per row");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp >= M) return;
   float sum_squares = 0.f;
+#pragma unroll 4
   for (int col = lane * 8; col < p.k; col += 32 * 8) {
     const Pack<T, 8> sum = residual_sum<T>(p, warp, col);
-    if (blockIdx.x == 0) store_pack(static_cast<T*>(p.prologue.residual_out) + warp * p.k + col, sum);
 #pragma unroll
     for (int j = 0; j < 8; ++j) sum_squares += to_float(sum.v[j]) * to_float(sum.v[j]);
   }
@@ -138,6 +138,7 @@ __device__ void stage_activations(float* staged, const Problem& p, int k0, int c
       // Rounded to T as rms_norm's output is, so the product is that of the two unfused ops.
       const Pack<T, 8> sum = residual_sum<T>(p, m, k0 + col);
       const Pack<T, 8> w = load_pack<T, 8>(static_cast<const T*>(p.prologue.norm_weight) + k0 + col);
+      if (blockIdx.x == 0) store_pack(static_cast<T*>(p.prologue.residual_out) + m * p.k + k0 + col, sum);
 #pragma unroll
       for (int j = 0; j < 8; ++j)
         values[j] = to_float(from_float<T>(to_float(sum.v[j]) * inv_rms[m] * to_float(w.v[j])));
