@@ -87,8 +87,7 @@ void add_rms_norm_skinny_linear(const at::Tensor& out, const at::Tensor& residua
     TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->sizes() == x.sizes() && t->is_contiguous(), op, ": ",
                 name, " must be a contiguous ", x.scalar_type(), " tensor of x's shape ", x.sizes(), ", got ",
                 t->scalar_type(), " ", t->sizes(), " with strides ", t->strides());
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, op, ": ", name,
-                " must start at a 16-byte aligned address");
+    TORCH_CHECK(aligned16(*t), op, ": ", name, " must start at a 16-byte aligned address");
   }
   TORCH_CHECK(norm_weight.is_cuda() && norm_weight.device() == x.device() &&
                   norm_weight.scalar_type() == x.scalar_type() && norm_weight.dim() == 1 &&

@@ -406,9 +406,9 @@ class ModelRunner:
         graph_bs = next((bs for bs in self.graph_sizes if bs >= n), None) if self.graphs else None
         rows = graph_bs or n
         h = self.buffers.h
+        h["input_rows"][:rows] = np.arange(self.max_num_seqs, self.max_num_seqs + rows)  # the staged input ids
         if batch.input_rows is None:
             h["input_ids"][:n] = [s.last_token for s in seqs]
-            h["input_rows"][:n] = np.arange(self.max_num_seqs, self.max_num_seqs + n)
         else:  # planned ahead: the inputs are the running step's tokens, still on the device
             h["input_rows"][:n] = batch.input_rows
         self.allocator.fill_decode_inputs(ids, h["positions"], h["slots"], h["context_lens"])
@@ -416,7 +416,6 @@ class ModelRunner:
         if rows > n:  # padding rows of a captured graph: nothing stored, no attention
             for name, value in (("slots", -1), ("context_lens", 0), ("input_ids", 0), ("positions", 0)):
                 h[name][n:rows] = value
-            h["input_rows"][n:rows] = np.arange(self.max_num_seqs + n, self.max_num_seqs + rows)
         return DecodeInputs(n, rows, graph_bs, self._stage_sampling(seqs), self.buffers.decode_bytes(rows))
 
     def close(self) -> None:

@@ -71,7 +71,7 @@ class Attention(nn.Module):
                 v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.prefix_slots]
             attend = varlen_causal_attention if q.is_cuda else sdpa_causal_attention
             return attend(q, k, v, ctx, self.scale)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # q is a strided view of the qkv output
+        out = q.new_empty(q.shape)  # contiguous; q itself is a strided view of the qkv output
         nanovllm_cpp.paged_attention_decode(out, q, self.k_cache, self.v_cache, ctx.block_tables,
                                             ctx.context_lens, self.scale, self.max_context_len, self.workspace)
         return out
