@@ -33,10 +33,23 @@ TORCH_LIBRARY(nanovllm_cpp, m) {
   // One query token per sequence against its paged KV. out, query: [num_seqs, num_q_heads, head_dim];
   // block_tables: int32 [num_seqs, max_blocks_per_seq]; context_lens: int32 [num_seqs] (0 = padding row, its
   // output is left untouched); max_context_len: a host-side bound on context_lens (fixed for a CUDA graph);
-  // workspace: float32, at least nanovllm_cpp.paged_attention_workspace_size(...) elements.
+  // workspace: float32, at least nanovllm_cpp.paged_attention_workspace_size(...) elements, zeroed once
+  // (nanovllm_cpp.paged_attention_workspace); the op leaves its counters at zero.
   m.def(
       "paged_attention_decode(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
       "Tensor context_lens, float scale, int max_context_len, Tensor(b!) workspace) -> ()");
+  // Decode with the attention block's prologue fused in: qk_norm_rotary_store(positions, query, key, value,
+  // q_norm_weight, k_norm_weight, cos_sin_cache, k_cache, v_cache, slot_mapping, eps) then
+  // paged_attention_decode(out, query, ...), except that query and key are left as they are (the normalised,
+  // rotated heads live in registers). key, value: [num_seqs, num_kv_heads, head_dim] (strides free, 16-byte aligned
+  // rows); positions, slot_mapping: int64 [num_seqs], the new token's position and slot: slot_mapping[s] must be
+  // the slot of token context_lens[s] - 1 in the block table. The cached tokens before it are read while the
+  // kernel in front of this op still runs, so no nanovllm_cpp op launched just before may have written them.
+  m.def(
+      "qk_norm_rotary_paged_attention(Tensor(a!) out, Tensor query, Tensor key, Tensor value, Tensor positions, "
+      "Tensor? q_norm_weight, Tensor? k_norm_weight, Tensor cos_sin_cache, Tensor(b!) k_cache, Tensor(c!) v_cache, "
+      "Tensor slot_mapping, Tensor block_tables, Tensor context_lens, float scale, int max_context_len, "
+      "Tensor(d!) workspace, float eps) -> ()");
   // out[r] = the token of row r of logits [rows, vocab] (last dim contiguous): argmax when temperatures[r] == 0,
   // else a sample of softmax(logits[r] / T) drawn with keys[r] (int64 < 2**32) as its random stream.
   m.def("sample_tokens(Tensor(a!) out, Tensor logits, Tensor temperatures, Tensor keys) -> ()");

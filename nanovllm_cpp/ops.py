@@ -18,7 +18,7 @@ if not CUDA_ENABLED and torch.cuda.is_available():
                   "pip install --no-build-isolation .", stacklevel=2)
 _ops = torch.ops.nanovllm_cpp
 _OP_NAMES = ("store_kvcache", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "qk_norm_rotary_store",
-             "silu_and_mul", "paged_attention_decode", "sample_tokens", "skinny_linear", "silu_mul_skinny_linear",
+             "silu_and_mul", "paged_attention_decode", "qk_norm_rotary_paged_attention", "sample_tokens", "skinny_linear", "silu_mul_skinny_linear",
              "add_rms_norm_skinny_linear")
 
 # Most activation rows skinny_linear and silu_mul_skinny_linear take (kSkinnyLinearMaxRows in
@@ -106,27 +106,48 @@ def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torc
                                 workspace)
 
 
+def qk_norm_rotary_paged_attention(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                   positions: torch.Tensor, q_norm_weight: torch.Tensor | None,
+                                   k_norm_weight: torch.Tensor | None, cos_sin_cache: torch.Tensor,
+                                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                                   block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                   max_context_len: int, workspace: torch.Tensor, eps: float) -> None:
+    """Decode attention with the attention block's prologue in the same launch: qk_norm_rotary_store then
+    paged_attention_decode, except that query and key (the raw projections, [num_seqs, heads, head_dim] views)
+    are left as they are.
+
+    positions, slot_mapping: int64 [num_seqs], each sequence's new token: its rotary position and its cache slot,
+    which must be that of token context_lens[s] - 1 in the block table. The kernel reads the cache's older tokens
+    while the kernel in front of it still runs: they must not come from an op launched just before this one.
+    """
+    _ops.qk_norm_rotary_paged_attention(out, query, key, value, positions, q_norm_weight, k_norm_weight,
+                                        cos_sin_cache, k_cache, v_cache, slot_mapping, block_tables, context_lens,
+                                        scale, max_context_len, workspace, eps)
+
+
 def paged_attention_workspace_size(max_num_seqs: int, num_q_heads: int, head_dim: int, max_context_len: int) -> int:
     """float32 elements of scratch the decode kernel needs for any batch up to these bounds.
 
-    Split-K keeps, per (sequence, query head, partition), a partial output row plus its running max and sum.
-    Partitions hold at least 64 tokens and one launch splits into at most 4096 (sequence, partition) pairs,
-    so the size is min(max_num_seqs * ceil(max_context_len / 64), 4096) * num_q_heads * (head_dim + 2)
-    (34 MB for 512 seqs x 16 heads x head_dim 128 at any context). Mirrors csrc/kernels/paged_attention.h.
+    Split-K keeps, per (sequence, query head, partition), a partial output row plus its running max and sum, and
+    per (sequence, kv head) a counter of the partitions done. Partitions hold at least 64 tokens and one launch
+    splits into at most 4096 (sequence, partition) pairs, so the size is
+    min(max_num_seqs * ceil(max_context_len / 64), 4096) * num_q_heads * (head_dim + 3)
+    (35 MB for 512 seqs x 16 heads x head_dim 128 at any context). Mirrors csrc/kernels/paged_attention.h.
     """
     min_partition_tokens, max_split_rows = 64, 4096
     rows = min(max_num_seqs * -(-max_context_len // min_partition_tokens), max_split_rows)
-    return rows * num_q_heads * (head_dim + 2)
+    return rows * num_q_heads * (head_dim + 3)
 
 
 def paged_attention_workspace(max_num_seqs: int, num_q_heads: int, head_dim: int, max_context_len: int,
                               device: torch.device | str) -> torch.Tensor:
-    """Allocate once, reuse for every decode step (no allocation per call, so CUDA graphs can capture it)."""
+    """Allocate once, reuse for every decode step (no allocation per call, so CUDA graphs can capture it). Zeroed:
+    the split counters start at zero, and every launch leaves them there."""
     device = torch.device(device)
     if device.type != "cuda":
         return torch.empty(0, dtype=torch.float32, device=device)
     size = paged_attention_workspace_size(max_num_seqs, num_q_heads, head_dim, max_context_len)
-    return torch.empty(size, dtype=torch.float32, device=device)
+    return torch.zeros(size, dtype=torch.float32, device=device)
 
 
 def sample_tokens(out: torch.Tensor, logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor) -> None:

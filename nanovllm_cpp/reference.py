@@ -110,6 +110,20 @@ def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torc
     out[live] = attn.reshape(-1, num_heads, head_dim).to(out.dtype)
 
 
+def qk_norm_rotary_paged_attention(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                   positions: torch.Tensor, q_norm_weight: torch.Tensor | None,
+                                   k_norm_weight: torch.Tensor | None, cos_sin_cache: torch.Tensor,
+                                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                                   block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                   max_context_len: int, workspace: torch.Tensor, eps: float) -> None:
+    """The composition the fused kernel implements, on copies of query and key (the op leaves those as they are)."""
+    query, key = query.clone(), key.clone()
+    qk_norm_rotary_store(positions, query, key, value, q_norm_weight, k_norm_weight, cos_sin_cache, k_cache,
+                         v_cache, slot_mapping, eps)
+    paged_attention_decode(out, query, k_cache, v_cache, block_tables, context_lens, scale, max_context_len,
+                           workspace)
+
+
 def skinny_linear(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
     out.copy_(x.float() @ weight.float().T)
 

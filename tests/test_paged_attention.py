@@ -1,7 +1,10 @@
 """paged_attention_decode: the PyTorch reference against a naive loop (CPU, runs in CI), and the CUDA kernel
 against the reference (GPU): poisoned outputs and caches, GQA groups, head dims, block sizes, long and mixed
-contexts, split and unsplit launches, CUDA-graph replay, opcheck and input validation."""
+contexts, split and unsplit launches, CUDA-graph replay, opcheck and input validation. Every GPU case also runs
+qk_norm_rotary_paged_attention, decode with the attention prologue fused in, against the prologue kernel
+(qk_norm_rotary_store) followed by the reference."""
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -12,6 +15,10 @@ from nanovllm_cpp import ops, reference
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
+# The fused prologue sums each head's squares in another order than qk_norm_rotary_store: a cached element may
+# round one step apart.
+ONE_ROUNDING = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10, torch.float32: 1e-6}
+EPS = 1e-6
 WORST_ERROR: dict[torch.dtype, float] = {}
 
 
@@ -27,10 +34,26 @@ class Case:
     max_context_len: int
     workspace: torch.Tensor
     poison: float
+    key: torch.Tensor           # the fused prologue's inputs: the k and v parts of the same tensor as query,
+    value: torch.Tensor
+    positions: torch.Tensor     # each sequence's new token (index context_len - 1): its position and cache slot
+    slots: torch.Tensor
+    q_norm_weight: torch.Tensor | None
+    k_norm_weight: torch.Tensor | None
+    cos_sin_cache: torch.Tensor
 
     def args(self):
         return (self.out, self.query, self.k_cache, self.v_cache, self.block_tables, self.context_lens, self.scale,
                 self.max_context_len, self.workspace)
+
+    def prologue_args(self, query, key, k_cache, v_cache):
+        return (self.positions, query, key, self.value, self.q_norm_weight, self.k_norm_weight, self.cos_sin_cache,
+                k_cache, v_cache, self.slots, EPS)
+
+    def fused_args(self):
+        return (self.out, self.query, self.key, self.value, self.positions, self.q_norm_weight, self.k_norm_weight,
+                self.cos_sin_cache, self.k_cache, self.v_cache, self.slots, self.block_tables, self.context_lens,
+                self.scale, self.max_context_len, self.workspace, EPS)
 
     def fill(self, lens: list[int], generator: torch.Generator) -> None:
         """Writes fresh random q/K/V for these lengths into the existing tensors, on freshly shuffled blocks.
@@ -45,7 +68,7 @@ class Case:
         order = torch.randperm(num_blocks, generator=generator)
         poison_block = int(order[-1])
         tables = torch.full(self.block_tables.shape, poison_block, dtype=torch.int32)
-        slots, next_block = [], 0
+        slots, next_block, last_slots = [], 0, []
         for seq, length in enumerate(lens):
             blocks = order[next_block: next_block + -(-length // block_size)]
             assert next_block + len(blocks) < num_blocks, "case capacity too small"
@@ -53,6 +76,7 @@ class Case:
             tables[seq, : len(blocks)] = blocks.int()
             tokens = torch.arange(length)
             slots.append(blocks[tokens // block_size] * block_size + tokens % block_size)
+            last_slots.append(int(slots[-1][-1]) if length else -1)
         slots = torch.cat(slots).to(device) if slots else torch.zeros(0, dtype=torch.long, device=device)
         shape = (len(slots), num_kv_heads, head_dim)
         dtype = self.k_cache.dtype
@@ -61,12 +85,23 @@ class Case:
         self.block_tables.copy_(tables)
         self.context_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         self.query.copy_(torch.randn(self.query.shape, generator=generator))
+        self.key.copy_(torch.randn(self.key.shape, generator=generator))
+        self.value.copy_(torch.randn(self.value.shape, generator=generator))
+        self.positions.copy_(torch.tensor(lens).clamp(min=1) - 1)
+        self.slots.copy_(torch.tensor(last_slots, dtype=torch.long))
         self.out.fill_(float("nan"))
+
+
+@functools.cache
+def cos_sin_cache(head_dim: int, device: str) -> torch.Tensor:
+    return reference.rotary_cos_sin_cache(head_dim, 40960, 1e6).to(device)
 
 
 def make_case(lens: list[int], *, num_q_heads=16, num_kv_heads=8, head_dim=128, block_size=16,
               dtype=torch.bfloat16, device="cuda", max_context_len=None, capacity_blocks=None, poison=float("nan"),
-              seed=0) -> Case:
+              seed=0, qk_norm=None) -> Case:
+    """qk_norm: whether the fused prologue normalises q and k (Qwen3) or only rotates them (Llama); by default
+    every other seed."""
     generator = torch.Generator().manual_seed(seed)
     max_context_len = max(lens) if max_context_len is None else max_context_len
     width = max(1, -(-max_context_len // block_size))
@@ -85,24 +120,37 @@ def make_case(lens: list[int], *, num_q_heads=16, num_kv_heads=8, head_dim=128, 
         max_context_len=max_context_len,
         workspace=ops.paged_attention_workspace(len(lens), num_q_heads, head_dim, max_context_len, device),
         poison=poison,
+        key=fused[:, num_q_heads: num_q_heads + num_kv_heads],
+        value=fused[:, num_q_heads + num_kv_heads:],
+        positions=torch.empty(len(lens), dtype=torch.long, device=device),
+        slots=torch.empty(len(lens), dtype=torch.long, device=device),
+        q_norm_weight=None,
+        k_norm_weight=None,
+        cos_sin_cache=cos_sin_cache(head_dim, device),
     )
+    if (seed % 2 == 0) if qk_norm is None else qk_norm:
+        case.q_norm_weight, case.k_norm_weight = (
+            (1 + 0.2 * torch.randn(head_dim, generator=generator)).to(device, dtype) for _ in range(2))
     case.fill(lens, generator)
     return case
 
 
-def expected(case: Case) -> torch.Tensor:
-    """The reference in fp32 on the same inputs, poison zeroed (the reference's masked softmax still multiplies
-    the poisoned values by 0, and NaN * 0 is NaN)."""
+def expected(case: Case, query=None, k_cache=None, v_cache=None) -> torch.Tensor:
+    """The reference in fp32 on the case's inputs (or these), poison zeroed (the reference's masked softmax still
+    multiplies the poisoned values by 0, and NaN * 0 is NaN)."""
+    query = case.query if query is None else query
+    k_cache = case.k_cache if k_cache is None else k_cache
+    v_cache = case.v_cache if v_cache is None else v_cache
     out = torch.zeros(case.out.shape, dtype=torch.float32, device=case.out.device)
-    reference.paged_attention_decode(out, case.query.float(), case.k_cache.float().nan_to_num(),
-                                     case.v_cache.float().nan_to_num(), case.block_tables, case.context_lens,
-                                     case.scale, case.max_context_len, case.workspace)
+    reference.paged_attention_decode(out, query.float(), k_cache.float().nan_to_num(), v_cache.float().nan_to_num(),
+                                     case.block_tables, case.context_lens, case.scale, case.max_context_len,
+                                     case.workspace)
     return out
 
 
-def check(case: Case) -> float:
+def check(case: Case, ref: torch.Tensor | None = None) -> float:
     """Compares the kernel's out with the reference; padding rows must still hold the NaN poison."""
-    ref = expected(case)
+    ref = expected(case) if ref is None else ref
     live = case.context_lens > 0
     got = case.out.float()
     assert torch.isnan(got[~live]).all(), "a padding row (context_len 0) was written"
@@ -116,9 +164,50 @@ def check(case: Case) -> float:
     return error
 
 
+@dataclass
+class FusedExpectation:
+    out: torch.Tensor      # the fp32 reference over the prologue kernel's q and cache
+    k_cache: torch.Tensor  # the cache after the prologue kernel
+    v_cache: torch.Tensor
+    query: torch.Tensor    # the raw projections, which the fused op must leave as they are
+    key: torch.Tensor
+
+
+def fused_expectation(case: Case) -> FusedExpectation:
+    """What qk_norm_rotary_paged_attention must do to the case: qk_norm_rotary_store (on copies), then attention."""
+    query, key = case.query.clone(), case.key.clone()
+    k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
+    ops.qk_norm_rotary_store(*case.prologue_args(query, key, k_cache, v_cache))
+    return FusedExpectation(expected(case, query, k_cache, v_cache), k_cache, v_cache, case.query.clone(),
+                            case.key.clone())
+
+
+def check_fused_result(case: Case, want: FusedExpectation) -> float:
+    """out against the reference, the cache against the prologue kernel's, q and k untouched, and the split
+    counters back at zero."""
+    error = check(case, want.out)
+    rounding = ONE_ROUNDING[case.out.dtype]
+    for name, got, cache in (("k_cache", case.k_cache, want.k_cache), ("v_cache", case.v_cache, want.v_cache)):
+        torch.testing.assert_close(got, cache, rtol=rounding, atol=rounding, equal_nan=True,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert torch.equal(case.query, want.query) and torch.equal(case.key, want.key), "query or key was written"
+    num_counters = case.k_cache.shape[2] * len(case.context_lens)
+    assert not case.workspace.view(torch.int32)[-num_counters:].any(), "a split counter was left non-zero"
+    return error
+
+
+def check_fused(case: Case) -> float:
+    want = fused_expectation(case)
+    case.out.fill_(float("nan"))
+    ops.qk_norm_rotary_paged_attention(*case.fused_args())
+    return check_fused_result(case, want)
+
+
 def run_and_check(case: Case) -> float:
     ops.paged_attention_decode(*case.args())
-    return check(case)
+    error = check(case)
+    check_fused(case)
+    return error
 
 
 # ---- CPU: the reference itself (runs in CI) ----------------------------------------------------------------------
@@ -165,11 +254,18 @@ def test_cpu_opcheck():
     torch.library.opcheck(torch.ops.nanovllm_cpp.paged_attention_decode.default, case.args())
 
 
+def test_cpu_opcheck_fused_prologue():
+    case = make_case([5, 0, 40], num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=torch.float32, device="cpu",
+                     poison=0.0, qk_norm=True)
+    case.out.zero_()
+    torch.library.opcheck(torch.ops.nanovllm_cpp.qk_norm_rotary_paged_attention.default, case.fused_args())
+
+
 def test_workspace_stays_modest():
     # 512 sequences x 16 heads x head_dim 128 at a 40960-token context: the split is capped, not per token.
     size = ops.paged_attention_workspace_size(512, 16, 128, 40960)
     assert size * 4 <= 64 * 2**20
-    assert ops.paged_attention_workspace_size(1, 16, 128, 32768) == 512 * 16 * 130
+    assert ops.paged_attention_workspace_size(1, 16, 128, 32768) == 512 * 16 * 131
     assert ops.paged_attention_workspace_size(8, 16, 128, 100) >= ops.paged_attention_workspace_size(1, 16, 128, 100)
 
 
@@ -271,9 +367,11 @@ def test_cuda_graph_replay_with_new_contents(num_seqs):
         ops.paged_attention_decode(*case.args())
     torch.cuda.current_stream().wait_stream(stream)
     check(case)
-    graph = torch.cuda.CUDAGraph()
+    graph, fused_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ops.paged_attention_decode(*case.args())
+    with torch.cuda.graph(fused_graph):
+        ops.qk_norm_rotary_paged_attention(*case.fused_args())
     generator = torch.Generator().manual_seed(2)
     for seed in (3, 4):
         lens = mixed_lengths(num_seqs, 4096 if seed == 3 else 200, seed=seed)
@@ -281,6 +379,11 @@ def test_cuda_graph_replay_with_new_contents(num_seqs):
         graph.replay()
         torch.cuda.synchronize()
         check(case)
+        want = fused_expectation(case)
+        case.out.fill_(float("nan"))
+        fused_graph.replay()
+        torch.cuda.synchronize()
+        check_fused_result(case, want)
 
 
 @requires_cuda
@@ -289,6 +392,7 @@ def test_cuda_opcheck(num_seqs):
     case = make_case(mixed_lengths(num_seqs, 600, seed=5)[:-1] + [7], poison=0.0)
     case.out.zero_()
     torch.library.opcheck(torch.ops.nanovllm_cpp.paged_attention_decode.default, case.args())
+    torch.library.opcheck(torch.ops.nanovllm_cpp.qk_norm_rotary_paged_attention.default, case.fused_args())
 
 
 @requires_cuda
@@ -306,6 +410,15 @@ def test_rejects_bad_inputs():
                                    case.v_cache[..., :96].contiguous(), *args[4:])
     with pytest.raises(RuntimeError, match="dtype must equal"):
         ops.paged_attention_decode(*args[:2], case.k_cache.half(), case.v_cache.half(), *args[4:])
+    fused = list(case.fused_args())
+    for index, bad, message in ((2, case.key[:, :1], "key must be"), (3, case.value.half(), "value dtype"),
+                                (4, case.positions.int(), "positions must be contiguous int64"),
+                                (10, case.slots[:1], "slot_mapping must be contiguous int64"),
+                                (5, None, "pass both q_norm_weight and k_norm_weight"),
+                                (7, case.cos_sin_cache[:, :64], "cos_sin_cache must be"),
+                                (15, case.workspace[:-1], "workspace holds")):
+        with pytest.raises(RuntimeError, match=message):
+            ops.qk_norm_rotary_paged_attention(*fused[:index], bad, *fused[index + 1:])
 
 
 @requires_cuda

@@ -1,13 +1,18 @@
-// Paged-attention decode (one query token per sequence), flash-decoding style.
+// Paged-attention decode (one query token per sequence), flash-decoding style, in one kernel.
 //
-// Main kernel: one CTA per (partition, kv head, sequence). It serves all `group` query heads of its kv head, so
-// every K/V row is read from memory once. Each warp walks its own tiles of the partition's tokens; a token's
-// 16-byte chunks are spread over kLanesPerToken lanes (a warp reads whole 256-byte rows, several tokens per
-// load instruction) and all K and V loads of a tile are issued before the first is used. Scores and the
-// online softmax are fp32. The warps' (max, sum, output) states are merged through shared memory and written
-// straight to `out` when the sequence fits in one partition, else to the float32 workspace, which the reduce
-// kernel combines. CTAs of partitions past a sequence's length exit at once, so a launch shaped for
-// max_context_len (CUDA graphs) costs what the actual lengths cost.
+// One CTA per (partition, kv head, sequence). It serves all `group` query heads of its kv head, so every K/V row
+// is read from memory once. Each warp walks its own tiles of the partition's tokens; a token's 16-byte chunks are
+// spread over kLanesPerToken lanes (a warp reads whole 256-byte rows, several tokens per load instruction) and all
+// K and V loads of a tile are issued before the first is used. Scores and the online softmax are fp32. The warps'
+// (max, sum, output) states are merged through shared memory and written straight to `out` when the sequence fits
+// in one partition; else to the float32 workspace, and the last partition of a (sequence, kv head) to finish
+// combines them (a counter in the workspace), so a split costs no second kernel. CTAs of partitions past a
+// sequence's length exit at once, so a launch shaped for max_context_len (CUDA graphs) costs what the actual
+// lengths cost.
+//
+// With the fused prologue (DecodePrologue) the kernel also does the attention block's q/k norm, rotary and KV
+// store, and it fetches the cached tokens of its first tile before waiting for the kernel in front (programmatic
+// launch), which produces only q and the new token: at batch 1 that hides the cache's round trip and a launch.
 #include "kernels/paged_attention.h"
 
 #include "kernels/launch.cuh"
@@ -23,7 +28,6 @@ namespace {
 
 constexpr int kNumWarps = 4;
 constexpr int kThreads = kNumWarps * 32;
-constexpr int kReduceWarps = 8;
 constexpr int kTileAlign = 16;  // tiles never exceed (and partitions are multiples of) 16 tokens: one block
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -59,6 +63,37 @@ __device__ __forceinline__ void unpack(const uint4& raw, float (&f)[4], float) {
   f[3] = __uint_as_float(raw.w);
 }
 
+template <typename T>
+__device__ __forceinline__ float round_to(float x);
+template <>
+__device__ __forceinline__ float round_to<__nv_bfloat16>(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+template <>
+__device__ __forceinline__ float round_to<__half>(float x) { return __half2float(__float2half_rn(x)); }
+template <>
+__device__ __forceinline__ float round_to<float>(float x) { return x; }
+
+// The inverse of unpack, for values already rounded to the storage type.
+__device__ __forceinline__ uint4 pack(const float (&f)[8], __nv_bfloat16) {
+  uint32_t words[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) words[i] = (__float_as_uint(f[2 * i]) >> 16) | (__float_as_uint(f[2 * i + 1]) & 0xffff0000u);
+  return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+__device__ __forceinline__ uint4 pack(const float (&f)[8], __half) {
+  uint32_t words[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __half2 pair = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+    words[i] = *reinterpret_cast<const uint32_t*>(&pair);
+  }
+  return make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+__device__ __forceinline__ uint4 pack(const float (&f)[4], float) {
+  return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
+}
+
 __device__ __forceinline__ void store(__nv_bfloat16* dst, float x) { *dst = __float2bfloat16(x); }
 __device__ __forceinline__ void store(__half* dst, float x) { *dst = __float2half(x); }
 __device__ __forceinline__ void store(float* dst, float x) { *dst = x; }
@@ -72,17 +107,23 @@ __device__ __forceinline__ int sequence_length(const PagedAttentionParams& p, in
 // exp2(x - m) where a max of -inf (nothing seen yet) must give 0 for x = -inf, not NaN.
 __device__ __forceinline__ float safe_max(float m) { return m == -INFINITY ? 0.f : m; }
 
-// The workspace of a split launch: per (sequence, query head, partition) a normalised partial output row,
-// then all partial maxima, then all partial sums.
+// The workspace of a split launch: per (sequence, query head, partition) a normalised partial output row, then all
+// partial maxima, then all partial sums; and, counted back from the workspace's end (where no launch shape puts
+// its rows), one counter of finished partitions per (sequence, kv head).
 struct Workspace {
   float* out;
   float* max;
   float* sum;
+  unsigned* counters_end;
   __device__ Workspace(const PagedAttentionParams& p, int num_partitions) {
     const int64_t rows = int64_t(p.num_seqs) * p.num_q_heads * num_partitions;
     out = p.workspace;
     max = out + rows * p.head_dim;
     sum = max + rows;
+    counters_end = reinterpret_cast<unsigned*>(p.workspace + p.workspace_size);
+  }
+  __device__ unsigned* partitions_done(int seq, int kv_head) const {
+    return counters_end - 1 - (int64_t(seq) * gridDim.y + kv_head);
   }
 };
 
@@ -98,25 +139,163 @@ struct Layout {
   static_assert(kTileAlign % kTile == 0, "a tile must stay inside one 16-token-aligned span");
 };
 
-template <typename T, int HEAD_DIM, int GROUP>
+// One lane's E elements at d0 of a head spread over LANES lanes (the rotary partner of element d0 + i sits
+// LANES / 2 lanes away): rms_norm when a weight is given, then the NeoX rotation, each rounded to T as
+// qk_norm_rotary_store rounds them. Every lane of the warp calls it.
+template <typename T, int LANES, int E>
+__device__ __forceinline__ void norm_rotate(float (&x)[E], const float (&weight)[E], bool norm, const float (&cos_row)[E],
+                                            const float (&sin_row)[E], bool first_half, int head_dim, float eps) {
+  if (norm) {
+    float sum_squares = 0.f;
+#pragma unroll
+    for (int i = 0; i < E; ++i) sum_squares += x[i] * x[i];
+#pragma unroll
+    for (int o = LANES / 2; o > 0; o /= 2) sum_squares += __shfl_xor_sync(0xffffffffu, sum_squares, o);
+    const float inv_rms = rsqrtf(sum_squares / head_dim + eps);
+#pragma unroll
+    for (int i = 0; i < E; ++i) x[i] = round_to<T>(x[i] * inv_rms * weight[i]);
+  }
+#pragma unroll
+  for (int i = 0; i < E; ++i) {
+    const float partner = __shfl_xor_sync(0xffffffffu, x[i], LANES / 2);
+    x[i] = round_to<T>(first_half ? x[i] * cos_row[i] - partner * sin_row[i] : x[i] * cos_row[i] + partner * sin_row[i]);
+  }
+}
+
+// Folds U loads of K/V (kTokensPerLoad tokens each, this lane's chunk of them) into the lane's online-softmax
+// state of every query head.
+template <typename T, int HEAD_DIM, int GROUP, int U>
+__device__ __forceinline__ void attend(const uint4 (&k_raw)[U], const uint4 (&v_raw)[U], const bool (&live)[U],
+                                       const float (&q)[GROUP][Chunk<T>::kElems], float (&m)[GROUP],
+                                       float (&l)[GROUP], float (&acc)[GROUP][Chunk<T>::kElems]) {
+  using L = Layout<T, HEAD_DIM, GROUP>;
+  constexpr int E = L::kElems;
+  float s[U][GROUP];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    float k[E];
+    unpack(k_raw[u], k, T{});
+#pragma unroll
+    for (int h = 0; h < GROUP; ++h) {
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < E; ++i) dot = fmaf(q[h][i], k[i], dot);
+      s[u][h] = dot;
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int h = 0; h < GROUP; ++h) {
+#pragma unroll
+      for (int o = L::kLanesPerToken / 2; o > 0; o /= 2) s[u][h] += __shfl_xor_sync(0xffffffffu, s[u][h], o);
+      if (!live[u]) s[u][h] = -INFINITY;
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < GROUP; ++h) {
+    float tile_max = s[0][h];
+#pragma unroll
+    for (int u = 1; u < U; ++u) tile_max = fmaxf(tile_max, s[u][h]);
+    const float m_new = fmaxf(m[h], tile_max);
+    const float m_ref = safe_max(m_new);
+    const float correction = exp2f(m[h] - m_ref);
+    m[h] = m_new;
+    l[h] *= correction;
+#pragma unroll
+    for (int i = 0; i < E; ++i) acc[h][i] *= correction;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      s[u][h] = exp2f(s[u][h] - m_ref);
+      l[h] += s[u][h];
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    float v[E];
+    unpack(v_raw[u], v, T{});
+#pragma unroll
+    for (int h = 0; h < GROUP; ++h) {
+#pragma unroll
+      for (int i = 0; i < E; ++i) acc[h][i] = fmaf(s[u][h], v[i], acc[h][i]);
+    }
+  }
+}
+
+// kFused: the prologue of DecodePrologue. Its loads (the first tile's K/V, the position's cos/sin row, the norm
+// weights) go out before the wait for the kernel in front, so their registers stay live through the prologue,
+// which costs occupancy (~165 registers a thread, not ~126): the engine takes it at decode batches where latency,
+// not bandwidth, sets the step time.
+template <typename T, int HEAD_DIM, int GROUP, bool kFused>
 __global__ void __launch_bounds__(kThreads)
-paged_attention_partition_kernel(const PagedAttentionParams p, int partition_size, int num_partitions) {
-  kernels::start_after_prior_grids();
+paged_attention_kernel(const PagedAttentionParams p, int partition_size, int num_partitions) {
   using L = Layout<T, HEAD_DIM, GROUP>;
   constexpr int E = L::kElems;
   constexpr int U = L::kUnroll;
+  constexpr int kLanes = L::kLanesPerToken;
+  const DecodePrologue& pro = p.prologue;
+  kernels::allow_dependent_launch();
+  // Unfused, the kernel in front may have stored any of the cached tokens; fused, it stores none of them (and the
+  // lengths, tables and positions come from the host).
+  if (!kFused) kernels::wait_for_prior_grids();
+
   const int partition = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
   const int len = sequence_length(p, seq);
   const int start = partition * partition_size;
   if (start >= len) return;  // padding row, or a partition past this sequence's end
   const int end = min(start + partition_size, len);
-  const bool whole_sequence = len <= partition_size;  // one partition: no reduce, write out directly
+  const bool whole_sequence = len <= partition_size;  // one partition: no combine, write out directly
+  const bool new_token_here = kFused && end == len;   // this CTA stores and attends to token len - 1 itself
+  const int cached_end = new_token_here ? len - 1 : end;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int slot = lane / L::kLanesPerToken;                // which token of a load this lane reads
-  const int d0 = (lane % L::kLanesPerToken) * E;            // first of this lane's E elements of a row
-  const int group = p.num_q_heads / p.num_kv_heads;         // <= GROUP; heads past it are computed, not written
-  const float scale_log2 = p.scale * kLog2e;                // softmax in base 2
+  const int slot = lane / kLanes;          // which token of a load this lane reads
+  const int d0 = (lane % kLanes) * E;      // first of this lane's E elements of a row
+  const int group = p.num_q_heads / p.num_kv_heads;  // <= GROUP; heads past it are computed, not written
+  const float scale_log2 = p.scale * kLog2e;         // softmax in base 2
+
+  const int64_t token_stride = int64_t(p.num_kv_heads) * HEAD_DIM;
+  const int64_t block_stride = token_stride * p.block_size;
+  const int64_t lane_offset = kv_head * HEAD_DIM + d0 + slot * token_stride;
+  const T* k_lane = static_cast<const T*>(p.k_cache) + lane_offset;
+  const T* v_lane = static_cast<const T*>(p.v_cache) + lane_offset;
+  const int* table = p.block_tables + seq * p.block_table_stride;
+  const int block_shift = __ffs(p.block_size) - 1;
+  constexpr int kStep = kNumWarps * L::kTile;
+
+  uint4 k_raw[U], v_raw[U];
+  bool live[U];
+  const auto load_tile = [&](int tile, int block) {
+    const int64_t base = block * block_stride + (tile & (p.block_size - 1)) * token_stride;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      live[u] = tile + u * L::kTokensPerLoad + slot < cached_end;
+      const int64_t offset = base + u * L::kTokensPerLoad * token_stride;
+      k_raw[u] = live[u] ? load_chunk(k_lane + offset) : make_uint4(0, 0, 0, 0);
+      v_raw[u] = live[u] ? load_chunk(v_lane + offset) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  int tile = start + warp * L::kTile;
+  if (kFused && tile < cached_end) load_tile(tile, table[tile >> block_shift]);
+
+  const bool first_half = d0 < HEAD_DIM / 2;
+  const bool norm = kFused && pro.q_norm_weight != nullptr;
+  float q_weight[E] = {}, k_weight[E] = {}, cos_row[E] = {}, sin_row[E] = {};
+  if constexpr (kFused) {
+    const float* row = pro.cos_sin_cache + pro.positions[seq] * HEAD_DIM + d0 % (HEAD_DIM / 2);
+#pragma unroll
+    for (int i = 0; i < E; i += 4) {
+      const float4 c = *reinterpret_cast<const float4*>(row + i);
+      const float4 s = *reinterpret_cast<const float4*>(row + HEAD_DIM / 2 + i);
+      cos_row[i] = c.x, cos_row[i + 1] = c.y, cos_row[i + 2] = c.z, cos_row[i + 3] = c.w;
+      sin_row[i] = s.x, sin_row[i + 1] = s.y, sin_row[i + 2] = s.z, sin_row[i + 3] = s.w;
+    }
+    if (norm) {
+      unpack(load_chunk(static_cast<const T*>(pro.q_norm_weight) + d0), q_weight, T{});
+      unpack(load_chunk(static_cast<const T*>(pro.k_norm_weight) + d0), k_weight, T{});
+    }
+    kernels::wait_for_prior_grids();
+  }
 
   float q[GROUP][E];
 #pragma unroll
@@ -125,12 +304,28 @@ paged_attention_partition_kernel(const PagedAttentionParams p, int partition_siz
       const T* row = static_cast<const T*>(p.query) + seq * p.query_seq_stride +
                      (kv_head * group + h) * p.query_head_stride + d0;
       unpack(load_chunk(row), q[h], T{});
-#pragma unroll
-      for (int i = 0; i < E; ++i) q[h][i] *= scale_log2;
     } else {
 #pragma unroll
       for (int i = 0; i < E; ++i) q[h][i] = 0.f;
     }
+  }
+  // The new token's key and value, loaded with q: warp 0 of its CTA attends to it, lanes of token slot 0 store it.
+  const bool attends_new_token = new_token_here && warp == 0;
+  uint4 new_k[1] = {}, new_v[1] = {};
+  if (attends_new_token) {
+    new_k[0] = load_chunk(static_cast<const T*>(pro.key) + seq * pro.key_seq_stride + kv_head * pro.key_head_stride + d0);
+    new_v[0] = load_chunk(static_cast<const T*>(pro.value) + seq * pro.value_seq_stride +
+                          kv_head * pro.value_head_stride + d0);
+  }
+  if constexpr (kFused) {
+#pragma unroll
+    for (int h = 0; h < GROUP; ++h)
+      norm_rotate<T, kLanes>(q[h], q_weight, norm, cos_row, sin_row, first_half, HEAD_DIM, pro.eps);
+  }
+#pragma unroll
+  for (int h = 0; h < GROUP; ++h) {
+#pragma unroll
+    for (int i = 0; i < E; ++i) q[h][i] *= scale_log2;
   }
 
   float m[GROUP], l[GROUP], acc[GROUP][E];
@@ -142,89 +337,35 @@ paged_attention_partition_kernel(const PagedAttentionParams p, int partition_siz
     for (int i = 0; i < E; ++i) acc[h][i] = 0.f;
   }
 
-  const int64_t token_stride = int64_t(p.num_kv_heads) * HEAD_DIM;
-  const int64_t block_stride = token_stride * p.block_size;
-  const int64_t lane_offset = kv_head * HEAD_DIM + d0 + slot * token_stride;
-  const T* k_lane = static_cast<const T*>(p.k_cache) + lane_offset;
-  const T* v_lane = static_cast<const T*>(p.v_cache) + lane_offset;
-  const int* table = p.block_tables + seq * p.block_table_stride;
-  const int block_shift = __ffs(p.block_size) - 1;
-  constexpr int kStep = kNumWarps * L::kTile;
+  if (attends_new_token) {  // first, so that its registers are free again for the loop
+    float k[E];
+    unpack(new_k[0], k, T{});
+    norm_rotate<T, kLanes>(k, k_weight, norm, cos_row, sin_row, first_half, HEAD_DIM, pro.eps);
+    new_k[0] = pack(k, T{});
+    const int64_t cache_slot = pro.slot_mapping[seq];
+    if (slot == 0 && cache_slot >= 0) {
+      const int64_t row = (cache_slot * p.num_kv_heads + kv_head) * HEAD_DIM + d0;
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.k_cache) + row) = new_k[0];
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.v_cache) + row) = new_v[0];
+    }
+    const bool only_slot_zero[1] = {slot == 0};
+    attend<T, HEAD_DIM, GROUP, 1>(new_k, new_v, only_slot_zero, q, m, l, acc);
+  }
 
-  int tile = start + warp * L::kTile;
-  int block = tile < end ? table[tile >> block_shift] : 0;
-  for (; tile < end; tile += kStep) {
+  bool loaded = kFused;  // the first tile's loads went out before the wait
+  int block = tile < cached_end ? table[tile >> block_shift] : 0;
+  for (; tile < cached_end; tile += kStep) {
     const int next = tile + kStep;
-    const int next_block = next < end ? table[next >> block_shift] : 0;  // in flight during this tile
-    const int64_t base = block * block_stride + (tile & (p.block_size - 1)) * token_stride;
-
-    uint4 k_raw[U], v_raw[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const bool live = tile + u * L::kTokensPerLoad + slot < end;
-      const int64_t offset = base + u * L::kTokensPerLoad * token_stride;
-      k_raw[u] = live ? load_chunk(k_lane + offset) : make_uint4(0, 0, 0, 0);
-      v_raw[u] = live ? load_chunk(v_lane + offset) : make_uint4(0, 0, 0, 0);
-    }
-
-    float s[U][GROUP];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      float k[E];
-      unpack(k_raw[u], k, T{});
-#pragma unroll
-      for (int h = 0; h < GROUP; ++h) {
-        float dot = 0.f;
-#pragma unroll
-        for (int i = 0; i < E; ++i) dot = fmaf(q[h][i], k[i], dot);
-        s[u][h] = dot;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const bool live = tile + u * L::kTokensPerLoad + slot < end;
-#pragma unroll
-      for (int h = 0; h < GROUP; ++h) {
-#pragma unroll
-        for (int o = L::kLanesPerToken / 2; o > 0; o /= 2) s[u][h] += __shfl_xor_sync(0xffffffffu, s[u][h], o);
-        if (!live) s[u][h] = -INFINITY;
-      }
-    }
-
-#pragma unroll
-    for (int h = 0; h < GROUP; ++h) {
-      float tile_max = s[0][h];
-#pragma unroll
-      for (int u = 1; u < U; ++u) tile_max = fmaxf(tile_max, s[u][h]);
-      const float m_new = fmaxf(m[h], tile_max);
-      const float m_ref = safe_max(m_new);
-      const float correction = exp2f(m[h] - m_ref);
-      m[h] = m_new;
-      l[h] *= correction;
-#pragma unroll
-      for (int i = 0; i < E; ++i) acc[h][i] *= correction;
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        s[u][h] = exp2f(s[u][h] - m_ref);
-        l[h] += s[u][h];
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      float v[E];
-      unpack(v_raw[u], v, T{});
-#pragma unroll
-      for (int h = 0; h < GROUP; ++h) {
-#pragma unroll
-        for (int i = 0; i < E; ++i) acc[h][i] = fmaf(s[u][h], v[i], acc[h][i]);
-      }
-    }
+    const int next_block = next < cached_end ? table[next >> block_shift] : 0;  // in flight during this tile
+    if (!loaded) load_tile(tile, block);
+    loaded = false;
+    attend<T, HEAD_DIM, GROUP, U>(k_raw, v_raw, live, q, m, l, acc);
     block = next_block;
   }
 
   // Merge the token slots of the warp (lanes kLanesPerToken apart hold the same elements of other tokens).
 #pragma unroll
-  for (int o = L::kLanesPerToken; o < 32; o *= 2) {
+  for (int o = kLanes; o < 32; o *= 2) {
 #pragma unroll
     for (int h = 0; h < GROUP; ++h) {
       const float m_other = __shfl_xor_sync(0xffffffffu, m[h], o);
@@ -241,7 +382,7 @@ paged_attention_partition_kernel(const PagedAttentionParams p, int partition_siz
   // Merge the warps.
   __shared__ float warp_max[kNumWarps][GROUP], warp_sum[kNumWarps][GROUP];
   __shared__ __align__(16) float warp_out[kNumWarps][GROUP][HEAD_DIM];
-  if (lane < L::kLanesPerToken) {
+  if (lane < kLanes) {
 #pragma unroll
     for (int h = 0; h < GROUP; ++h) {
 #pragma unroll
@@ -254,6 +395,7 @@ paged_attention_partition_kernel(const PagedAttentionParams p, int partition_siz
   }
   __syncthreads();
 
+  const Workspace ws(p, num_partitions);
   for (int idx = threadIdx.x; idx < group * HEAD_DIM; idx += kThreads) {
     const int h = idx / HEAD_DIM, d = idx % HEAD_DIM;
     float m_all = -INFINITY;
@@ -270,7 +412,6 @@ paged_attention_partition_kernel(const PagedAttentionParams p, int partition_siz
     if (whole_sequence) {
       store(static_cast<T*>(p.out) + seq * p.out_seq_stride + head * p.out_head_stride + d, out / sum);
     } else {
-      const Workspace ws(p, num_partitions);
       const int64_t row = (int64_t(seq) * p.num_q_heads + head) * num_partitions + partition;
       ws.out[row * HEAD_DIM + d] = out / sum;
       if (d == 0) {
@@ -279,59 +420,46 @@ paged_attention_partition_kernel(const PagedAttentionParams p, int partition_siz
       }
     }
   }
-}
+  if (whole_sequence) return;
 
-// Combines the partitions of one (query head, sequence). Each warp folds every kReduceWarps-th partition with an
-// online softmax of its own (no common max first), so the loads of all its partitions go out together and the
-// reduce costs one memory round trip and one barrier; the warps' states then merge through shared memory.
-template <typename T, int HEAD_DIM>
-__global__ void __launch_bounds__(kReduceWarps * 32)
-paged_attention_reduce_kernel(const PagedAttentionParams p, int partition_size, int num_partitions) {
-  kernels::start_after_prior_grids();
-  constexpr int kPerLane = HEAD_DIM / 32;
-  const int head = blockIdx.x, seq = blockIdx.y;
-  const int len = sequence_length(p, seq);
-  if (len == 0) return;
+  // The last partition of this (sequence, kv head) to finish combines them all.
   const int parts = (len + partition_size - 1) / partition_size;
-  if (parts == 1) return;  // the partition kernel wrote this sequence's output itself
-  const Workspace ws(p, num_partitions);
-  const int64_t row0 = (int64_t(seq) * p.num_q_heads + head) * num_partitions;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-
-  float m = -INFINITY, sum = 0.f, out[kPerLane] = {};
-#pragma unroll 4
-  for (int i = warp; i < parts; i += kReduceWarps) {
-    const float m_part = ws.max[row0 + i];  // finite: every partition below `parts` holds tokens
-    const float m_new = fmaxf(m, m_part);
-    const float c_self = exp2f(m - m_new), weight = ws.sum[row0 + i] * exp2f(m_part - m_new);
-    m = m_new;
-    sum = sum * c_self + weight;
-    const float* row = ws.out + (row0 + i) * HEAD_DIM + lane * kPerLane;
-#pragma unroll
-    for (int j = 0; j < kPerLane; ++j) out[j] = fmaf(weight, row[j], out[j] * c_self);
-  }
-
-  __shared__ float warp_max[kReduceWarps], warp_sum[kReduceWarps];
-  __shared__ float warp_out[kReduceWarps][HEAD_DIM];
-#pragma unroll
-  for (int j = 0; j < kPerLane; ++j) warp_out[warp][lane * kPerLane + j] = out[j];
-  if (lane == 0) {
-    warp_max[warp] = m;  // -inf for a warp that had no partition; its sum and output are 0
-    warp_sum[warp] = sum;
+  __shared__ bool combines;
+  __threadfence();  // this CTA's partial rows are visible device-wide before it counts itself done
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned* done = ws.partitions_done(seq, kv_head);
+    combines = atomicAdd(done, 1u) == unsigned(parts - 1);
+    if (combines) *done = 0;  // the next launch counts from zero (it runs after this kernel has ended)
   }
   __syncthreads();
-  if (threadIdx.x < HEAD_DIM) {
-    float m_all = -INFINITY;
+  if (!combines) return;
+  __threadfence();
+  // Warp w combines heads w, w + kNumWarps, ...; a lane owns HEAD_DIM / 32 elements of the row, and the loads of
+  // 8 partitions go out together (each folds into an online softmax of its own; no common max first).
+  constexpr int kPerLane = HEAD_DIM / 32;
+  for (int h = warp; h < group; h += kNumWarps) {
+    const int head = kv_head * group + h;
+    const int64_t row0 = (int64_t(seq) * p.num_q_heads + head) * num_partitions;
+    float m_run = -INFINITY, total = 0.f, value[kPerLane] = {};
+#pragma unroll 8
+    for (int i = 0; i < parts; ++i) {
+      const float m_part = __ldcg(ws.max + row0 + i);  // finite: every partition below `parts` holds tokens
+      const float sum_part = __ldcg(ws.sum + row0 + i);
+      const float* row = ws.out + (row0 + i) * HEAD_DIM + lane * kPerLane;
+      float part[kPerLane];
 #pragma unroll
-    for (int w = 0; w < kReduceWarps; ++w) m_all = fmaxf(m_all, warp_max[w]);  // finite: parts >= 2
-    float total = 0.f, value = 0.f;
+      for (int j = 0; j < kPerLane; ++j) part[j] = __ldcg(row + j);
+      const float m_new = fmaxf(m_run, m_part);
+      const float c_self = exp2f(m_run - m_new), weight = sum_part * exp2f(m_part - m_new);
+      m_run = m_new;
+      total = total * c_self + weight;
 #pragma unroll
-    for (int w = 0; w < kReduceWarps; ++w) {
-      const float c = exp2f(warp_max[w] - m_all);
-      total += warp_sum[w] * c;
-      value += warp_out[w][threadIdx.x] * c;
+      for (int j = 0; j < kPerLane; ++j) value[j] = fmaf(weight, part[j], value[j] * c_self);
     }
-    store(static_cast<T*>(p.out) + seq * p.out_seq_stride + head * p.out_head_stride + threadIdx.x, value / total);
+    T* out = static_cast<T*>(p.out) + seq * p.out_seq_stride + head * p.out_head_stride + lane * kPerLane;
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) store(out + j, value[j] / total);
   }
 }
 
@@ -346,7 +474,7 @@ struct Split {
 // many as the real length allows. Two bounds keep them from getting shorter still: the workspace
 // (kMaxSplitRows), and kMaxCtasPerSm, which keeps a launch for a huge max_context_len from being mostly CTAs that
 // only exit. Once the pairs fill the GPU, partitions are kLongPartitionTokens long: short sequences take one
-// partition and write their output directly, and only long ones are split (and reduced), so one long sequence
+// partition and write their output directly, and only long ones are split (and combined), so one long sequence
 // cannot hold up a large batch.
 Split choose_split(const PagedAttentionParams& p) {
   constexpr int64_t kEnoughCtasPerSm = 2, kMaxCtasPerSm = 8, kLongPartitionTokens = 4096;
@@ -371,13 +499,10 @@ Split choose_split(const PagedAttentionParams& p) {
 template <typename T, int HEAD_DIM, int GROUP>
 cudaError_t launch(const PagedAttentionParams& p, const Split& split, cudaStream_t stream) {
   const dim3 grid(split.num_partitions, p.num_kv_heads, p.num_seqs);
-  cudaError_t status = kernels::launch_kernel(paged_attention_partition_kernel<T, HEAD_DIM, GROUP>,
-                                              {grid, dim3(kThreads)}, stream, p, split.partition_size,
-                                              split.num_partitions);
-  if (status != cudaSuccess || split.num_partitions == 1) return status;
-  return kernels::launch_kernel(paged_attention_reduce_kernel<T, HEAD_DIM>,
-                                {dim3(p.num_q_heads, p.num_seqs), dim3(kReduceWarps * 32)}, stream, p,
-                                split.partition_size, split.num_partitions);
+  const auto kernel = p.prologue.key != nullptr ? paged_attention_kernel<T, HEAD_DIM, GROUP, true>
+                                               : paged_attention_kernel<T, HEAD_DIM, GROUP, false>;
+  return kernels::launch_kernel(kernel, {grid, dim3(kThreads)}, stream, p, split.partition_size,
+                                split.num_partitions);
 }
 
 // Groups that are not a power of two run in the next larger instantiation; the extra heads are never written.

@@ -1,7 +1,9 @@
 """Attention over the paged KV cache: prefill (ragged causal attention of new tokens over cached prefix + new
-tokens) and decode (one token per sequence, nanovllm_cpp.paged_attention_decode)."""
+tokens) and decode (one token per sequence: nanovllm_cpp.qk_norm_rotary_paged_attention at small batches,
+nanovllm_cpp.paged_attention_decode after the prologue kernel at large ones)."""
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,21 @@ def sdpa_causal_attention(q, k, v, ctx: Context, scale: float) -> torch.Tensor:
     return out
 
 
+# Decode batches up to this size take the fused prologue: its kernel fetches the cache early but holds more
+# registers, which costs bandwidth once the batch fills the GPU (the skinny GEMVs stop at the same size).
+FUSED_PROLOGUE_MAX_ROWS = nanovllm_cpp.SKINNY_LINEAR_MAX_ROWS
+
+
+@dataclass
+class QKPrologue:
+    """What turns a layer's raw q/k projections into attention's inputs: per-head q/k RMSNorm weights (Qwen3;
+    None for neither), the rotary cos/sin table and the norm's eps."""
+    q_norm_weight: torch.Tensor | None
+    k_norm_weight: torch.Tensor | None
+    cos_sin_cache: torch.Tensor
+    eps: float
+
+
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         super().__init__()
@@ -62,16 +79,30 @@ class Attention(nn.Module):
         self.workspace = torch.empty(0)
         self.max_context_len = 0
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim] of the new tokens, already in the cache."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                prologue: QKPrologue) -> torch.Tensor:
+        """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]: the new tokens' raw projections (strided views).
+        The prologue (q/k norm, rotary, KV-cache store) runs in one launch before attention; at small decode
+        batches, where each launch's latency counts, inside the decode attention kernel."""
         ctx = get_context()
-        if ctx.is_prefill:
-            if ctx.prefix_slots is not None:  # some sequence has cached tokens: take everyone's keys from the cache
-                k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.prefix_slots]
-                v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.prefix_slots]
-            attend = varlen_causal_attention if q.is_cuda else sdpa_causal_attention
-            return attend(q, k, v, ctx, self.scale)
-        out = q.new_empty(q.shape)  # contiguous; q itself is a strided view of the qkv output
-        nanovllm_cpp.paged_attention_decode(out, q, self.k_cache, self.v_cache, ctx.block_tables,
-                                            ctx.context_lens, self.scale, self.max_context_len, self.workspace)
-        return out
+        if not ctx.is_prefill and q.shape[0] <= FUSED_PROLOGUE_MAX_ROWS:
+            out = q.new_empty(q.shape)  # contiguous; q itself is a strided view of the qkv output
+            nanovllm_cpp.qk_norm_rotary_paged_attention(
+                out, q, k, v, positions, prologue.q_norm_weight, prologue.k_norm_weight, prologue.cos_sin_cache,
+                self.k_cache, self.v_cache, ctx.slot_mapping, ctx.block_tables, ctx.context_lens, self.scale,
+                self.max_context_len, self.workspace, prologue.eps)
+            return out
+        # q and k are rotated in place.
+        nanovllm_cpp.qk_norm_rotary_store(positions, q, k, v, prologue.q_norm_weight, prologue.k_norm_weight,
+                                          prologue.cos_sin_cache, self.k_cache, self.v_cache, ctx.slot_mapping,
+                                          prologue.eps)
+        if not ctx.is_prefill:
+            out = q.new_empty(q.shape)
+            nanovllm_cpp.paged_attention_decode(out, q, self.k_cache, self.v_cache, ctx.block_tables,
+                                                ctx.context_lens, self.scale, self.max_context_len, self.workspace)
+            return out
+        if ctx.prefix_slots is not None:  # some sequence has cached tokens: take everyone's keys from the cache
+            k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.prefix_slots]
+            v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.prefix_slots]
+        attend = varlen_causal_attention if q.is_cuda else sdpa_causal_attention
+        return attend(q, k, v, ctx, self.scale)

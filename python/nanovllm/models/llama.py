@@ -3,14 +3,11 @@
 import torch
 from torch import nn
 
-import nanovllm_cpp
-
-from nanovllm.layers.attention import Attention
+from nanovllm.layers.attention import Attention, QKPrologue
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, add_norm_linear
 from nanovllm.layers.rotary import RotaryEmbedding, rope_settings
-from nanovllm.utils.context import get_context
 
 
 def head_dim_of(config) -> int:
@@ -40,12 +37,8 @@ class DecoderAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        # q/k norm, rotary and the KV-cache store in one launch; q and k are rotated in place for attention.
         norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
-        nanovllm_cpp.qk_norm_rotary_store(positions, q, k, v, *norms, self.rotary_emb.cos_sin_cache,
-                                          self.attn.k_cache, self.attn.v_cache, get_context().slot_mapping,
-                                          self.norm_eps)
-        out = self.attn(q, k, v)
+        out = self.attn(positions, q, k, v, QKPrologue(*norms, self.rotary_emb.cos_sin_cache, self.norm_eps))
         return self.o_proj(out.flatten(1, 2))
 
 
