@@ -110,28 +110,49 @@ DECODE_LAYERS, DECODE_MAX_CONTEXT = 28, 2048
 @pytest.mark.parametrize("context", [128, 512, 1024, 2048])
 def test_decode_graph_per_layer(context, report):
     """Batch-1 decode as the engine runs it: a CUDA graph of 28 layers, each with its own cache, all launched for
-    max_context_len 2048. µs per layer = graph time / 28 (launch gaps included)."""
+    max_context_len 2048; µs per layer = graph time / 28 (launch gaps included). Three variants: attention alone
+    (q and the cache ready), the attention block's prologue kernel (qk_norm_rotary_store) then attention, and
+    the two in one launch (qk_norm_rotary_paged_attention)."""
     torch.manual_seed(0)
     blocks = -(-context // 16)
     table = torch.arange(blocks, dtype=torch.int32, device="cuda")
     table = torch.cat([table, table.new_zeros(DECODE_MAX_CONTEXT // 16 - blocks)]).view(1, -1)
     lens = torch.full((1,), context, dtype=torch.int32, device="cuda")
+    positions = (lens - 1).long()
+    slots = positions.clone()  # the table maps token t to slot t
+    cos_sin_cache = reference.rotary_cos_sin_cache(HEAD_DIM, DECODE_MAX_CONTEXT, 1e6).to("cuda")
+    norm_weights = [torch.randn(HEAD_DIM, device="cuda", dtype=DTYPE) for _ in range(2)]
     out = torch.empty(1, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
     workspace = ops.paged_attention_workspace(1, NUM_Q_HEADS, HEAD_DIM, DECODE_MAX_CONTEXT, "cuda")
-    layers = [(torch.randn(1, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE),
+    heads = NUM_Q_HEADS + 2 * NUM_KV_HEADS
+    layers = [(torch.randn(1, heads, HEAD_DIM, device="cuda", dtype=DTYPE).split([NUM_Q_HEADS, NUM_KV_HEADS,
+                                                                                 NUM_KV_HEADS], 1),
                torch.randn(blocks, 16, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE),
                torch.randn(blocks, 16, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)) for _ in range(DECODE_LAYERS)]
 
-    def step():
-        for query, k_cache, v_cache in layers:
-            ops.paged_attention_decode(out, query, k_cache, v_cache, table, lens, HEAD_DIM ** -0.5,
-                                       DECODE_MAX_CONTEXT, workspace)
+    def attention(q, k, v, k_cache, v_cache):
+        ops.paged_attention_decode(out, q, k_cache, v_cache, table, lens, HEAD_DIM ** -0.5, DECODE_MAX_CONTEXT,
+                                   workspace)
 
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def separate(q, k, v, k_cache, v_cache):
+        ops.qk_norm_rotary_store(positions, q, k, v, *norm_weights, cos_sin_cache, k_cache, v_cache, slots, 1e-6)
+        attention(q, k, v, k_cache, v_cache)
+
+    def fused(q, k, v, k_cache, v_cache):
+        ops.qk_norm_rotary_paged_attention(out, q, k, v, positions, *norm_weights, cos_sin_cache, k_cache, v_cache,
+                                           slots, table, lens, HEAD_DIM ** -0.5, DECODE_MAX_CONTEXT, workspace, 1e-6)
+
+    times = {}
+    for name, layer_ops in (("attention", attention), ("prologue + attention", separate), ("fused", fused)):
+        def step():
+            for (q, k, v), k_cache, v_cache in layers:
+                layer_ops(q, k, v, k_cache, v_cache)
+
         step()
-    us = cuda_time_ms(graph.replay, warmup=20, iters=200) * 1e3 / DECODE_LAYERS
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        times[name] = cuda_time_ms(graph.replay, warmup=20, iters=200) * 1e3 / DECODE_LAYERS
     report(f"decode graph, batch 1, max ctx {DECODE_MAX_CONTEXT}, {DECODE_LAYERS} layers: ctx {context:>5} "
-           f"{us:6.2f} us per layer")
+           + ", ".join(f"{name} {us:6.2f}" for name, us in times.items()) + " us per layer")

@@ -8,7 +8,10 @@
 // The contract of every kernel launched through launch_kernel: before wait_for_prior_grids() it reads only memory
 // that no kernel writes (weights, caches of constants) and writes nothing; after it, all work ordered before the
 // launch on the stream is complete and visible. allow_dependent_launch() may come anywhere (the next kernel still
-// waits for this one to complete before it reads anything).
+// waits for this one to complete before it reads anything). One documented exception: the fused decode attention
+// (paged_attention.h, DecodePrologue) also reads, before its wait, the host-staged step inputs and the KV cache of
+// earlier steps; every engine step starts with a copy of its staged inputs, which orders it after all kernels of
+// the steps before.
 //
 // NANOVLLM_PDL=0 in the environment turns the attribute off (ordinary stream order), to measure what it buys.
 #pragma once
