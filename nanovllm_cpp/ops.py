@@ -132,7 +132,7 @@ def paged_attention_workspace_size(max_num_seqs: int, num_q_heads: int, head_dim
     per (sequence, kv head) a counter of the partitions done. Partitions hold at least 64 tokens and one launch
     splits into at most 4096 (sequence, partition) pairs, so the size is
     min(max_num_seqs * ceil(max_context_len / 64), 4096) * num_q_heads * (head_dim + 3)
-    (35 MB for 512 seqs x 16 heads x head_dim 128 at any context). Mirrors csrc/kernels/paged_attention.h.
+    (34 MB for 512 seqs x 16 heads x head_dim 128 at any context). Mirrors csrc/kernels/paged_attention.h.
     """
     min_partition_tokens, max_split_rows = 64, 4096
     rows = min(max_num_seqs * -(-max_context_len // min_partition_tokens), max_split_rows)
