@@ -18,8 +18,8 @@ if not CUDA_ENABLED and torch.cuda.is_available():
                   "pip install --no-build-isolation .", stacklevel=2)
 _ops = torch.ops.nanovllm_cpp
 _OP_NAMES = ("store_kvcache", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "qk_norm_rotary_store",
-             "silu_and_mul", "paged_attention_decode", "qk_norm_rotary_paged_attention", "sample_tokens", "skinny_linear", "silu_mul_skinny_linear",
-             "add_rms_norm_skinny_linear")
+             "silu_and_mul", "paged_attention_decode", "qk_norm_rotary_paged_attention", "sample_tokens",
+             "skinny_linear", "silu_mul_skinny_linear", "add_rms_norm_skinny_linear")
 
 # Most activation rows skinny_linear and silu_mul_skinny_linear take (kSkinnyLinearMaxRows in
 # csrc/kernels/skinny_linear.h); larger batches belong to a GEMM.

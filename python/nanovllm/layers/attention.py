@@ -85,24 +85,24 @@ class Attention(nn.Module):
         The prologue (q/k norm, rotary, KV-cache store) runs in one launch before attention; at small decode
         batches, where each launch's latency counts, inside the decode attention kernel."""
         ctx = get_context()
-        if not ctx.is_prefill and q.shape[0] <= FUSED_PROLOGUE_MAX_ROWS:
-            out = q.new_empty(q.shape)  # contiguous; q itself is a strided view of the qkv output
+        fused = not ctx.is_prefill and q.shape[0] <= FUSED_PROLOGUE_MAX_ROWS
+        if not fused:  # q and k are rotated in place
+            nanovllm_cpp.qk_norm_rotary_store(positions, q, k, v, prologue.q_norm_weight, prologue.k_norm_weight,
+                                              prologue.cos_sin_cache, self.k_cache, self.v_cache, ctx.slot_mapping,
+                                              prologue.eps)
+        if ctx.is_prefill:
+            if ctx.prefix_slots is not None:  # some sequence has cached tokens: take everyone's keys from the cache
+                k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.prefix_slots]
+                v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.prefix_slots]
+            attend = varlen_causal_attention if q.is_cuda else sdpa_causal_attention
+            return attend(q, k, v, ctx, self.scale)
+        out = q.new_empty(q.shape)  # contiguous; q itself is a strided view of the qkv output
+        if fused:
             nanovllm_cpp.qk_norm_rotary_paged_attention(
                 out, q, k, v, positions, prologue.q_norm_weight, prologue.k_norm_weight, prologue.cos_sin_cache,
                 self.k_cache, self.v_cache, ctx.slot_mapping, ctx.block_tables, ctx.context_lens, self.scale,
                 self.max_context_len, self.workspace, prologue.eps)
-            return out
-        # q and k are rotated in place.
-        nanovllm_cpp.qk_norm_rotary_store(positions, q, k, v, prologue.q_norm_weight, prologue.k_norm_weight,
-                                          prologue.cos_sin_cache, self.k_cache, self.v_cache, ctx.slot_mapping,
-                                          prologue.eps)
-        if not ctx.is_prefill:
-            out = q.new_empty(q.shape)
+        else:
             nanovllm_cpp.paged_attention_decode(out, q, self.k_cache, self.v_cache, ctx.block_tables,
                                                 ctx.context_lens, self.scale, self.max_context_len, self.workspace)
-            return out
-        if ctx.prefix_slots is not None:  # some sequence has cached tokens: take everyone's keys from the cache
-            k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.prefix_slots]
-            v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[ctx.prefix_slots]
-        attend = varlen_causal_attention if q.is_cuda else sdpa_causal_attention
-        return attend(q, k, v, ctx, self.scale)
+        return out
