@@ -16,6 +16,7 @@
 #include "kernels/paged_attention.h"
 
 #include "kernels/launch.cuh"
+#include "kernels/vec_utils.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -64,13 +65,7 @@ __device__ __forceinline__ void unpack(const uint4& raw, float (&f)[4], float) {
 }
 
 template <typename T>
-__device__ __forceinline__ float round_to(float x);
-template <>
-__device__ __forceinline__ float round_to<__nv_bfloat16>(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
-template <>
-__device__ __forceinline__ float round_to<__half>(float x) { return __half2float(__float2half_rn(x)); }
-template <>
-__device__ __forceinline__ float round_to<float>(float x) { return x; }
+__device__ __forceinline__ float round_to(float x) { return kernels::to_float(kernels::from_float<T>(x)); }
 
 // The inverse of unpack, for values already rounded to the storage type.
 __device__ __forceinline__ uint4 pack(const float (&f)[8], __nv_bfloat16) {
@@ -94,9 +89,8 @@ __device__ __forceinline__ uint4 pack(const float (&f)[4], float) {
   return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
 }
 
-__device__ __forceinline__ void store(__nv_bfloat16* dst, float x) { *dst = __float2bfloat16(x); }
-__device__ __forceinline__ void store(__half* dst, float x) { *dst = __float2half(x); }
-__device__ __forceinline__ void store(float* dst, float x) { *dst = x; }
+template <typename T>
+__device__ __forceinline__ void store(T* dst, float x) { *dst = kernels::from_float<T>(x); }
 
 __device__ __forceinline__ uint4 load_chunk(const void* ptr) { return __ldg(static_cast<const uint4*>(ptr)); }
 
