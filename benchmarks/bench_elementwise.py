@@ -9,8 +9,9 @@ numbers. Run with `pytest benchmarks/bench_elementwise.py -s`; the table prints 
 The `speed` tests time our kernels alone, at 1 token (decode: latency per launch inside a CUDA graph of
 GRAPH_CALLS back-to-back calls, inputs L2-resident as they are after the previous kernel) and at 16K tokens
 (HBM bandwidth): the attention prologue fused (qk_norm_rotary_store) against its four separate launches, and
-the RMSNorms, and silu_and_mul against torch's two kernels at 1, 256 and 16K tokens of the MLP width. They use no
-torch.compile, so they are quick to compare between two builds.
+the RMSNorms, silu_and_mul against torch's two kernels at 1, 256 and 16K tokens of the MLP width, and
+copy_pinned against torch's copy-engine copy_ (each followed by a kernel, in a graph). They use no torch.compile,
+so they are quick to compare between two builds.
 """
 
 import itertools
@@ -318,3 +319,25 @@ def test_silu_and_mul_speed(add_speed_row, variant, tokens):
         return
     next_set, _ = rotating_sets(make_set, moved)
     add_speed_row(name, tokens, cuda_time_ms(lambda: run(*next_set())) * 1e3, moved)
+
+
+@requires_cuda
+@pytest.mark.parametrize("nbytes", [48 << 10, 1 << 20])  # a batch-1 decode step's staged inputs at 512 seqs; 1 MB
+@pytest.mark.parametrize("direction", ["to device", "to host"])
+@pytest.mark.parametrize("variant", ["copy_pinned", "torch"])
+def test_copy_pinned_speed(add_speed_row, variant, direction, nbytes):
+    # Each call is the copy and a one-thread kernel after it, as a decode step's first kernel follows its inputs'
+    # copy: the copy engine's hand-off to the SMs counts, as it does in the engine.
+    host = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()
+    device = torch.zeros(nbytes, dtype=torch.uint8, device="cuda")
+    dst, src = (device, host) if direction == "to device" else (host, device)
+    after = torch.zeros(1, device="cuda")
+    if variant == "copy_pinned":
+        name, copy = f"copy_pinned {direction} + a kernel", lambda: ops.copy_pinned(dst, src, nbytes)
+    else:
+        name, copy = f"torch copy_ {direction} (copy engine) + a kernel", lambda: dst.copy_(src, non_blocking=True)
+
+    def call():
+        copy()
+        after.add_(1)
+    add_speed_row(f"{name} [{nbytes >> 10} KB]", 1, graph_us_per_call(call), nbytes)

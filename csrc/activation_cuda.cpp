@@ -8,10 +8,9 @@
 #include <limits>
 
 #include "kernels/elementwise_launchers.h"
+#include "op_checks.h"
 
 namespace {
-
-using nanovllm::kernels::DType;
 
 void silu_and_mul(const at::Tensor& out, const at::Tensor& x) {
   constexpr const char* op = "silu_and_mul";
@@ -36,12 +35,11 @@ void silu_and_mul(const at::Tensor& out, const at::Tensor& x) {
               std::numeric_limits<int>::max());
   // The grid's y dim (at most 65535 blocks of 512 threads) covers a row; 2**24 is well inside it for any width.
   TORCH_CHECK(d <= (int64_t{1} << 24), op, ": d = ", d, " is more than the supported ", int64_t{1} << 24);
-  const DType dtype = type == at::kFloat ? DType::Float32 : type == at::kHalf ? DType::Float16 : DType::BFloat16;
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaError_t status =
-      nanovllm::kernels::launch_silu_and_mul(dtype, out.data_ptr(), out.stride(0), x.data_ptr(), x.stride(0), tokens,
-                                             static_cast<int>(d), c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(status));
+  const cudaError_t status = nanovllm::kernels::launch_silu_and_mul(
+      nanovllm::kernel_dtype_of(type), out.data_ptr(), out.stride(0), x.data_ptr(), x.stride(0), tokens,
+      static_cast<int>(d), c10::cuda::getCurrentCUDAStream());
+  nanovllm::check_launch(status, op);
 }
 
 }  // namespace

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "kernels/paged_attention.h"
+#include "op_checks.h"
 
 namespace {
 
@@ -25,7 +26,7 @@ nanovllm::AttentionDtype attention_dtype(at::ScalarType type, const char* op) {
   }
 }
 
-bool is_aligned_16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+using nanovllm::aligned16;
 
 // The checks and parameters the two ops share; op ("name: ") prefixes every message.
 nanovllm::PagedAttentionParams attention_params(const char* op, const at::Tensor& out, const at::Tensor& query,
@@ -48,7 +49,7 @@ nanovllm::PagedAttentionParams attention_params(const char* op, const at::Tensor
               "k_cache/v_cache dtype must equal query dtype ", query.scalar_type(), ", got ", k_cache.scalar_type(),
               "/", v_cache.scalar_type());
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, "k_cache and v_cache must be contiguous");
-  TORCH_CHECK(is_aligned_16(k_cache.data_ptr()) && is_aligned_16(v_cache.data_ptr()), op,
+  TORCH_CHECK(aligned16(k_cache.data_ptr()) && aligned16(v_cache.data_ptr()), op,
               "k_cache and v_cache must be 16-byte aligned");
 
   const int64_t num_seqs = query.size(0), num_q_heads = query.size(1), head_dim = query.size(2);
@@ -65,7 +66,7 @@ nanovllm::PagedAttentionParams attention_params(const char* op, const at::Tensor
 
   const int64_t elems_per_16_bytes = 16 / query.element_size();
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, op, "query and out need a contiguous head_dim");
-  TORCH_CHECK(is_aligned_16(query.data_ptr()) && query.stride(0) % elems_per_16_bytes == 0 &&
+  TORCH_CHECK(aligned16(query.data_ptr()) && query.stride(0) % elems_per_16_bytes == 0 &&
                   query.stride(1) % elems_per_16_bytes == 0,
               op, "query rows must be 16-byte aligned (data pointer and strides ", query.strides(), ")");
 
@@ -157,7 +158,7 @@ void qk_norm_rotary_paged_attention_cuda(const at::Tensor& out, const at::Tensor
     TORCH_CHECK(t->dim() == 3 && t->size(0) == num_seqs && t->size(1) == num_kv_heads && t->size(2) == head_dim,
                 op, name, " must be [num_seqs, num_kv_heads, head_dim] = [", num_seqs, ", ", num_kv_heads, ", ",
                 head_dim, "], got ", t->sizes());
-    TORCH_CHECK(t->stride(2) == 1 && is_aligned_16(t->data_ptr()) && t->stride(0) % elems_per_16_bytes == 0 &&
+    TORCH_CHECK(t->stride(2) == 1 && aligned16(t->data_ptr()) && t->stride(0) % elems_per_16_bytes == 0 &&
                     t->stride(1) % elems_per_16_bytes == 0,
                 op, name, " rows must be contiguous and 16-byte aligned (data pointer and strides ", t->strides(),
                 ")");
@@ -171,14 +172,14 @@ void qk_norm_rotary_paged_attention_cuda(const at::Tensor& out, const at::Tensor
     if (!weight->has_value()) continue;
     const at::Tensor& w = weight->value();
     TORCH_CHECK(w.device() == query.device() && w.scalar_type() == query.scalar_type() && w.dim() == 1 &&
-                    w.size(0) == head_dim && w.is_contiguous() && is_aligned_16(w.data_ptr()),
+                    w.size(0) == head_dim && w.is_contiguous() && aligned16(w.data_ptr()),
                 op, "q/k norm weights must be contiguous, 16-byte aligned [head_dim=", head_dim, "] tensors of ",
                 query.scalar_type(), " on ", query.device(), ", got ", w.scalar_type(), " ", w.sizes(), " on ",
                 w.device());
   }
   TORCH_CHECK(cos_sin_cache.device() == query.device() && cos_sin_cache.scalar_type() == at::kFloat &&
                   cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == head_dim && cos_sin_cache.is_contiguous() &&
-                  is_aligned_16(cos_sin_cache.data_ptr()),
+                  aligned16(cos_sin_cache.data_ptr()),
               op, "cos_sin_cache must be a contiguous, 16-byte aligned float32 [max_position, ", head_dim,
               "] tensor on ", query.device(), ", got ", cos_sin_cache.scalar_type(), " ", cos_sin_cache.sizes());
 

@@ -1,5 +1,5 @@
-// CUDA implementations of store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding and
-// qk_norm_rotary_store (schemas in csrc/torch_bindings.cpp): check the tensors, describe their layouts as plain
+// CUDA implementations of store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding, qk_norm_rotary_store
+// and copy_pinned (schemas in csrc/torch_bindings.cpp): check the tensors, describe their layouts as plain
 // sizes and strides, and call the launchers of csrc/kernels/. This is the only file of these ops that includes torch headers.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,9 +12,11 @@
 #include <vector>
 
 #include "kernels/elementwise_launchers.h"
+#include "op_checks.h"
 
 namespace {
 
+using nanovllm::check_launch;
 using nanovllm::kernels::DType;
 using nanovllm::kernels::HeadLayout;
 using nanovllm::kernels::RowLayout;
@@ -23,7 +25,7 @@ DType kernel_dtype(const at::Tensor& t, const char* op, const char* name) {
   const at::ScalarType type = t.scalar_type();
   TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, op, ": ", name, " has dtype ", type,
               "; supported: float32, float16, bfloat16");
-  return type == at::kFloat ? DType::Float32 : type == at::kHalf ? DType::Float16 : DType::BFloat16;
+  return nanovllm::kernel_dtype_of(type);
 }
 
 void check_cuda(const at::Tensor& t, const at::Tensor& first, const char* op, const char* name) {
@@ -36,10 +38,6 @@ void check_same_dtype(const at::Tensor& t, const at::Tensor& like, const char* o
                       const char* like_name) {
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ",
               like_name, " has ", like.scalar_type(), "; they must match");
-}
-
-void check_launch(cudaError_t status, const char* op) {
-  TORCH_CHECK(status == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(status));
 }
 
 int checked_int(int64_t value, const char* op, const char* what) {
@@ -273,6 +271,38 @@ void qk_norm_rotary_store(const at::Tensor& positions, const at::Tensor& query, 
                op);
 }
 
+// The address a kernel reaches pinned host memory at (under unified addressing, the host address itself).
+void* mapped_host_address(const at::Tensor& t, const char* op, const char* name) {
+  cudaPointerAttributes attributes{};
+  const cudaError_t status = cudaPointerGetAttributes(&attributes, t.data_ptr());
+  TORCH_CHECK(status == cudaSuccess && attributes.devicePointer != nullptr, op, ": ", name,
+              " is not mapped into the device's address space (", cudaGetErrorString(status), ")");
+  return attributes.devicePointer;
+}
+
+void copy_pinned(const at::Tensor& dst, const at::Tensor& src, int64_t nbytes) {
+  constexpr const char* op = "copy_pinned";
+  const auto pinned = [](const at::Tensor& t) { return t.device().is_cpu() && t.is_pinned(); };
+  const bool from_host = dst.is_cuda() && pinned(src);
+  TORCH_CHECK(from_host || (src.is_cuda() && pinned(dst)), op,
+              ": needs one CUDA tensor and one pinned CPU tensor, got dst on ", dst.device(),
+              pinned(dst) ? " (pinned)" : "", " and src on ", src.device(), pinned(src) ? " (pinned)" : "");
+  for (const auto& [t, name] : {std::pair{&dst, "dst"}, std::pair{&src, "src"}}) {
+    TORCH_CHECK(t->scalar_type() == at::kByte && t->dim() == 1 && t->is_contiguous(), op, ": ", name,
+                " must be a contiguous uint8 vector, got ", t->scalar_type(), " ", t->sizes());
+    TORCH_CHECK(nanovllm::aligned16(*t), op, ": ", name, " must start on a 16-byte boundary");
+  }
+  TORCH_CHECK(nbytes >= 0 && nbytes % 16 == 0 && nbytes <= dst.numel() && nbytes <= src.numel(), op,
+              ": nbytes = ", nbytes, " must be a multiple of 16 within both buffers (dst ", dst.numel(), ", src ",
+              src.numel(), " bytes)");
+  if (nbytes == 0) return;
+  const c10::cuda::CUDAGuard guard(from_host ? dst.device() : src.device());
+  void* const to = from_host ? dst.data_ptr() : mapped_host_address(dst, op, "dst");
+  const void* const from = from_host ? mapped_host_address(src, op, "src") : src.data_ptr();
+  check_launch(nanovllm::kernels::launch_copy_pinned(to, from, nbytes, from_host, c10::cuda::getCurrentCUDAStream()),
+               op);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nanovllm_cpp, CUDA, m) {
@@ -281,4 +311,5 @@ TORCH_LIBRARY_IMPL(nanovllm_cpp, CUDA, m) {
   m.impl("fused_add_rms_norm", &fused_add_rms_norm);
   m.impl("rotary_embedding", &rotary_embedding);
   m.impl("qk_norm_rotary_store", &qk_norm_rotary_store);
+  m.impl("copy_pinned", &copy_pinned);
 }

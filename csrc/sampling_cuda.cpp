@@ -8,10 +8,9 @@
 #include <limits>
 
 #include "kernels/sampling.h"
+#include "op_checks.h"
 
 namespace {
-
-using nanovllm::kernels::DType;
 
 void sample_tokens(const at::Tensor& out, const at::Tensor& logits, const at::Tensor& temperatures,
                    const at::Tensor& keys) {
@@ -39,13 +38,12 @@ void sample_tokens(const at::Tensor& out, const at::Tensor& logits, const at::Te
               temperatures.sizes());
   TORCH_CHECK(keys.scalar_type() == at::kLong && keys.dim() == 1 && keys.size(0) == rows && keys.is_contiguous(), op,
               ": keys must be a contiguous int64 [", rows, "], got ", keys.scalar_type(), " ", keys.sizes());
-  const DType dtype = type == at::kFloat ? DType::Float32 : type == at::kHalf ? DType::Float16 : DType::BFloat16;
   const c10::cuda::CUDAGuard guard(logits.device());
   const cudaError_t status = nanovllm::kernels::launch_sample_tokens(
-      out.data_ptr<int64_t>(), logits.data_ptr(), dtype, logits.stride(0), static_cast<int>(rows),
-      static_cast<int>(vocab), temperatures.data_ptr<float>(), keys.data_ptr<int64_t>(),
+      out.data_ptr<int64_t>(), logits.data_ptr(), nanovllm::kernel_dtype_of(type), logits.stride(0),
+      static_cast<int>(rows), static_cast<int>(vocab), temperatures.data_ptr<float>(), keys.data_ptr<int64_t>(),
       c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(status));
+  nanovllm::check_launch(status, op);
 }
 
 }  // namespace

@@ -9,15 +9,14 @@
 #include <limits>
 
 #include "kernels/skinny_linear.h"
+#include "op_checks.h"
 
 namespace {
 
-using nanovllm::kernels::DType;
+using nanovllm::aligned16;
 using nanovllm::kernels::kSkinnyLinearKMultiple;
 using nanovllm::kernels::kSkinnyLinearMaxRows;
 using nanovllm::kernels::SkinnyPrologue;
-
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // out = a @ weight^T where a is x as the prologue makes it (csrc/kernels/skinny_linear.h); the prologue's own
 // tensors are checked by its op.
@@ -57,11 +56,11 @@ void run(const char* op, const at::Tensor& out, const at::Tensor& x, const char*
   TORCH_CHECK(aligned16(weight), op, ": weight must start at a 16-byte aligned address");
 
   const c10::cuda::CUDAGuard guard(x.device());
-  const DType dtype = type == at::kFloat ? DType::Float32 : type == at::kHalf ? DType::Float16 : DType::BFloat16;
   const cudaError_t status = nanovllm::kernels::launch_skinny_linear(
-      dtype, out.data_ptr(), out.stride(0), x.data_ptr(), x.stride(0), prologue, weight.data_ptr(),
-      static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k), c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status == cudaSuccess, op, ": kernel launch failed: ", cudaGetErrorString(status));
+      nanovllm::kernel_dtype_of(type), out.data_ptr(), out.stride(0), x.data_ptr(), x.stride(0), prologue,
+      weight.data_ptr(), static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k),
+      c10::cuda::getCurrentCUDAStream());
+  nanovllm::check_launch(status, op);
 }
 
 void skinny_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight) {

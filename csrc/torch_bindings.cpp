@@ -30,6 +30,11 @@ TORCH_LIBRARY(nanovllm_cpp, m) {
   // The gated MLP's activation: out = silu(x[:, :d]) * x[:, d:], in fp32, rounded once. x: [tokens, 2 * d],
   // out: [tokens, d], last dims contiguous (row strides free).
   m.def("silu_and_mul(Tensor(a!) out, Tensor x) -> ()");
+  // dst[:nbytes] = src[:nbytes] between a CUDA and a pinned CPU tensor, either way (contiguous uint8, 16-byte
+  // aligned, nbytes a multiple of 16), copied by a kernel that reaches the host memory over the bus: no
+  // copy-engine transfer (in a CUDA graph a kernel node, not a memcpy node). A step's staged inputs and its
+  // sampled tokens travel this way.
+  m.def("copy_pinned(Tensor(a!) dst, Tensor src, int nbytes) -> ()");
   // One query token per sequence against its paged KV. out, query: [num_seqs, num_q_heads, head_dim];
   // block_tables: int32 [num_seqs, max_blocks_per_seq]; context_lens: int32 [num_seqs] (0 = padding row, its
   // output is left untouched); max_context_len: a host-side bound on context_lens (fixed for a CUDA graph);

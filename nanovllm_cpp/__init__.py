@@ -3,7 +3,8 @@
 - BlockAllocator: the paged KV cache's block manager with prefix caching (C++, pybind11).
 - store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding, qk_norm_rotary_store, silu_and_mul,
   paged_attention_decode (and qk_norm_rotary_paged_attention, decode with the attention prologue fused in), the skinny
-  decode GEMVs (skinny_linear, silu_mul_skinny_linear, add_rms_norm_skinny_linear): torch ops
+  decode GEMVs (skinny_linear, silu_mul_skinny_linear, add_rms_norm_skinny_linear), copy_pinned (pinned host
+  memory to or from the device by a kernel: a step's staged inputs and sampled tokens): torch ops
   (torch.ops.nanovllm_cpp.*) with hand-written CUDA kernels and PyTorch references on the CPU.
 - CUDA_ENABLED: False when the build skipped the CUDA kernels (CPU-only torch or no nvcc).
 """
@@ -37,6 +38,7 @@ from nanovllm_cpp.ops import (
     CUDA_ENABLED,
     SKINNY_LINEAR_MAX_ROWS,
     add_rms_norm_skinny_linear,
+    copy_pinned,
     fused_add_rms_norm,
     paged_attention_decode,
     paged_attention_workspace,
@@ -53,7 +55,7 @@ from nanovllm_cpp.ops import (
 
 __all__ = [
     "AllocatorStats", "BlockAllocator", "OutOfBlocksError", "CUDA_ENABLED", "add_rms_norm_skinny_linear",
-    "fused_add_rms_norm",
+    "copy_pinned", "fused_add_rms_norm",
     "paged_attention_decode", "paged_attention_workspace", "paged_attention_workspace_size",
     "qk_norm_rotary_paged_attention", "qk_norm_rotary_store",
     "rms_norm", "rotary_embedding", "silu_and_mul", "silu_mul_skinny_linear", "skinny_linear",

@@ -19,7 +19,7 @@ if not CUDA_ENABLED and torch.cuda.is_available():
 _ops = torch.ops.nanovllm_cpp
 _OP_NAMES = ("store_kvcache", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "qk_norm_rotary_store",
              "silu_and_mul", "paged_attention_decode", "qk_norm_rotary_paged_attention", "sample_tokens",
-             "skinny_linear", "silu_mul_skinny_linear", "add_rms_norm_skinny_linear")
+             "skinny_linear", "silu_mul_skinny_linear", "add_rms_norm_skinny_linear", "copy_pinned")
 
 # Most activation rows skinny_linear and silu_mul_skinny_linear take (kSkinnyLinearMaxRows in
 # csrc/kernels/skinny_linear.h); larger batches belong to a GEMM.
@@ -91,6 +91,14 @@ def silu_and_mul(out: torch.Tensor, x: torch.Tensor) -> None:
     """The gated MLP's activation in one pass: out [tokens, d] = silu(x[:, :d]) * x[:, d:] for x [tokens, 2 * d],
     in fp32, rounded once to the dtype."""
     _ops.silu_and_mul(out, x)
+
+
+def copy_pinned(dst: torch.Tensor, src: torch.Tensor, nbytes: int) -> None:
+    """dst[:nbytes] = src[:nbytes] between a CUDA and a pinned CPU buffer, either way (contiguous uint8, 16-byte
+    aligned, nbytes a multiple of 16), copied by a kernel that reaches the host memory itself: no copy-engine
+    transfer, so the kernels around it follow without the copy engine's hand-off (inside a CUDA graph it is a
+    kernel node). Ordered on the current stream like a kernel; on CPU tensors, a copy."""
+    _ops.copy_pinned(dst, src, nbytes)
 
 
 def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -35,6 +35,10 @@ def silu_and_mul(out: torch.Tensor, x: torch.Tensor) -> None:
     out.copy_(torch.nn.functional.silu(x[..., :d].float()) * x[..., d:].float())
 
 
+def copy_pinned(dst: torch.Tensor, src: torch.Tensor, nbytes: int) -> None:
+    dst[:nbytes].copy_(src[:nbytes])
+
+
 def rotary_cos_sin_cache(head_dim: int, max_position: int, base: float,
                          scaling: dict | None = None) -> torch.Tensor:
     """float32 [max_position, head_dim]: cos of each frequency in the first half, sin in the second."""

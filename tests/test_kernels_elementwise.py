@@ -1,5 +1,5 @@
-"""CUDA kernels of store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding and qk_norm_rotary_store
-against their references.
+"""CUDA kernels of store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding, qk_norm_rotary_store and
+copy_pinned against their references.
 
 Each check draws fresh random inputs, poisons outputs with NaN where the op has a separate output, and compares
 with nanovllm_cpp.reference (fp32 math): relative error ||out - ref|| / ||ref|| <= 1e-2 for bf16/fp16 and 1e-5 for
@@ -427,6 +427,74 @@ def test_qk_norm_rotary_store_reference_is_the_composition():
         ops.qk_norm_rotary_store(*args[:4], norm_weight(64, torch.bfloat16, "cpu"), None, *args[6:])
 
 
+# ------------------------------------------------------------------------------------------------- copy_pinned
+
+
+def pinned_bytes(nbytes: int) -> torch.Tensor:
+    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()
+
+
+@requires_cuda
+@pytest.mark.parametrize("nbytes", [0, 16, 4096, 300016])
+def test_copy_pinned(nbytes):
+    """The first nbytes arrive bit for bit, either way; the bytes behind them keep their poison."""
+    src = pinned_bytes(nbytes + 64)
+    dst = torch.full((nbytes + 64,), 0xA5, dtype=torch.uint8, device="cuda")
+    ops.copy_pinned(dst, src, nbytes)
+    torch.cuda.synchronize()
+    assert torch.equal(dst[:nbytes].cpu(), src[:nbytes])
+    assert (dst[nbytes:] == 0xA5).all()
+
+    back = torch.full((nbytes + 64,), 0x5A, dtype=torch.uint8).pin_memory()
+    dst.add_(1)  # written by a kernel just before: the copy must wait for it
+    ops.copy_pinned(back, dst, nbytes)
+    torch.cuda.synchronize()
+    assert torch.equal(back[:nbytes], (src[:nbytes] + 1))
+    assert (back[nbytes:] == 0x5A).all()
+
+
+@requires_cuda
+def test_copy_pinned_cuda_graph():
+    """A replay reads the host buffer as it is at the replay, not as it was at the capture, and writes the host
+    buffer again."""
+    src, back = pinned_bytes(8192), torch.zeros(8192, dtype=torch.uint8).pin_memory()
+    dst = torch.zeros(8192, dtype=torch.uint8, device="cuda")
+    ops.copy_pinned(dst, src, 8192)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.copy_pinned(dst[1024:], src[1024:], 4096)
+        ops.copy_pinned(back, dst, 8192)
+    for _ in range(2):
+        torch.cuda.synchronize()
+        src.copy_(torch.randint(0, 256, (8192,), dtype=torch.uint8))
+        dst.zero_()
+        back.fill_(7)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(dst[1024:5120].cpu(), src[1024:5120])
+        assert not dst[:1024].any() and not dst[5120:].any()
+        assert torch.equal(back, dst.cpu())
+
+
+@requires_cuda
+def test_copy_pinned_rejects_bad_input():
+    src, dst = pinned_bytes(256), torch.zeros(256, dtype=torch.uint8, device="cuda")
+    with pytest.raises(RuntimeError, match="one pinned CPU tensor, got dst on cuda:0 and src on cpu"):
+        ops.copy_pinned(dst, src.clone(), 64)
+    with pytest.raises(RuntimeError, match="got dst on cuda:0 and src on cuda:0"):
+        ops.copy_pinned(dst, dst.clone(), 64)
+    with pytest.raises(RuntimeError, match=r"got dst on cpu and src on cuda:0"):
+        ops.copy_pinned(src.clone(), dst, 64)
+    with pytest.raises(RuntimeError, match="src must be a contiguous uint8 vector, got Int"):
+        ops.copy_pinned(dst, src.view(torch.int32), 64)
+    with pytest.raises(RuntimeError, match="dst must start on a 16-byte boundary"):
+        ops.copy_pinned(src[8:], dst, 64)
+    with pytest.raises(RuntimeError, match="nbytes = 24 must be a multiple of 16"):
+        ops.copy_pinned(dst, src, 24)
+    with pytest.raises(RuntimeError, match="nbytes = 272 must be a multiple of 16 within both buffers"):
+        ops.copy_pinned(dst, src, 272)
+
+
 # ------------------------------------------------------------------------------------------------- opcheck
 
 
@@ -474,3 +542,20 @@ def test_opcheck_qk_norm_rotary_store(device, with_norm):
     k_cache.zero_()  # opcheck compares the outputs of several runs: no NaN poison
     v_cache.zero_()
     torch.library.opcheck(torch.ops.nanovllm_cpp.qk_norm_rotary_store.default, args)
+
+
+def test_opcheck_copy_pinned():
+    """The CPU case only: opcheck runs the op on copies of its inputs, and a copy of pinned memory is not pinned,
+    so the CUDA case goes through torch.compile instead (test_copy_pinned_compiles)."""
+    src = torch.randint(0, 256, (512,), dtype=torch.uint8)
+    torch.library.opcheck(torch.ops.nanovllm_cpp.copy_pinned.default, (torch.zeros(512, dtype=torch.uint8), src, 256))
+
+
+@requires_cuda
+def test_copy_pinned_compiles():
+    """torch.compile traces the op through its fake impl and runs it on the real pinned buffer."""
+    src, dst = pinned_bytes(512), torch.zeros(512, dtype=torch.uint8, device="cuda")
+    compiled = torch.compile(lambda d, s: ops.copy_pinned(d, s, 256), backend="aot_eager", fullgraph=True)
+    compiled(dst, src)
+    torch.cuda.synchronize()
+    assert torch.equal(dst[:256].cpu(), src[:256]) and not dst[256:].any()

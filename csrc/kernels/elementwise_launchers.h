@@ -1,6 +1,6 @@
 // Plain C++ entry points of the elementwise CUDA kernels (store_kvcache, rms_norm, fused_add_rms_norm,
-// rotary_embedding, qk_norm_rotary_store, silu_and_mul). They take raw pointers, sizes and strides, so the .cu
-// files need no torch headers; the torch-facing checks live in csrc/ops_cuda.cpp (silu_and_mul's in
+// rotary_embedding, qk_norm_rotary_store, silu_and_mul, copy_pinned). They take raw pointers, sizes and
+// strides, so the .cu files need no torch headers; the torch-facing checks live in csrc/ops_cuda.cpp (silu_and_mul's in
 // csrc/activation_cuda.cpp). Strides are in elements (bytes for store_kvcache), the last dim is always contiguous.
 // Each launcher enqueues one kernel on `stream` and returns cudaGetLastError().
 #pragma once
@@ -71,5 +71,10 @@ cudaError_t launch_qk_norm_rotary_store(DType dtype, const int64_t* positions, v
 // out: [num_tokens, d], rows at the given strides (elements), last dims contiguous.
 cudaError_t launch_silu_and_mul(DType dtype, void* out, int64_t out_row_stride, const void* x, int64_t x_row_stride,
                                 int64_t num_tokens, int d, cudaStream_t stream);
+
+// dst[0, nbytes) = src[0, nbytes) between device memory and pinned host memory, the host side given by its
+// device-accessible address (cudaPointerAttributes::devicePointer): src if from_host, else dst. nbytes a multiple
+// of 16, both 16-byte aligned.
+cudaError_t launch_copy_pinned(void* dst, const void* src, int64_t nbytes, bool from_host, cudaStream_t stream);
 
 }  // namespace nanovllm::kernels

@@ -10,8 +10,9 @@
 // launch on the stream is complete and visible. allow_dependent_launch() may come anywhere (the next kernel still
 // waits for this one to complete before it reads anything). One documented exception: the fused decode attention
 // (paged_attention.h, DecodePrologue) also reads, before its wait, the host-staged step inputs and the KV cache of
-// earlier steps; every engine step starts with a copy of its staged inputs, which orders it after all kernels of
-// the steps before.
+// earlier steps; every engine step starts with copy_pinned of its staged inputs, which stores them only after
+// all kernels of the steps before are complete, and then gathers its input ids with a plain (non-programmatic)
+// launch, which starts only once that copy is complete.
 //
 // NANOVLLM_PDL=0 in the environment turns the attribute off (ordinary stream order), to measure what it buys.
 #pragma once

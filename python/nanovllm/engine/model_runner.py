@@ -55,7 +55,7 @@ class PrefillInputs:
     prefix_slots: np.ndarray | None
     sampling_chunks: list[int]
     filtered: bool      # some sampled row has top-k / top-p
-    staged_bytes: int   # the leading bytes of the step buffers this step sends
+    staged_bytes: int   # the step sends the staged fields below this byte
     tokens: LaunchedTokens | None = None
 
     @property
@@ -124,14 +124,14 @@ class ModelRunner:
         cuda = self.device.type == "cuda"
         self.buffers = StepBuffers(n, self.max_blocks, self.device)
         self.buffers.h["slots"][:] = -1
-        self.buffers.h["input_rows"][:] = np.arange(n, 2 * n)
+        self.buffers.h["input_rows"][:] = self.buffers.staged_rows(n)
         self.buffers.send(self.buffers.decode_bytes(n))  # padding rows store nothing, even in the warm-ups
-        # A decode row's input id is token_pool[input_rows[row]]: the sampled tokens of the step before (rows
-        # 0..n-1, where the sampler writes), or the staged input ids (copied to rows n..2n-1 on the device).
-        self.token_pool = torch.zeros(2 * n, dtype=torch.int64, device=self.device)
-        self.d_tokens = self.token_pool[:n]
+        # A decode row's input id is token_pool[input_rows[row]]: a token the sampler wrote to d_tokens in the
+        # step before, or a staged input id (both regions of the step buffers' device side).
+        self.token_pool = self.buffers.token_pool
+        self.d_tokens = self.buffers.d["sampled"]
         # Two of each: while a step's tokens travel to the host, the step after it may already be launched.
-        self.h_tokens = [torch.zeros(n, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
+        self.h_tokens = [self.buffers.new_token_buffer() for _ in range(2)]
         self.tokens_ready = [torch.cuda.Event() for _ in range(2)] if cuda else [None, None]
         self.num_launches = 0
         # Recorded after every copy of the staged bytes (in the graphs too): the host rewrites them only after it.
@@ -244,8 +244,7 @@ class ModelRunner:
     def _decode_forward(self, rows: int) -> torch.Tensor:
         """Model, LM head and sampler over the first rows of the step buffers (the body of a decode graph): the
         tokens land in d_tokens[:rows]; returns the logits (model dtype) for the top-k / top-p path."""
-        d, n = self.buffers.d, self.max_num_seqs
-        self.token_pool[n:n + rows].copy_(d["input_ids"][:rows])
+        d = self.buffers.d
         input_ids = self.token_pool.index_select(0, d["input_rows"][:rows])
         logits = self.model.compute_logits(self.model(input_ids, d["positions"][:rows]))
         ops.sample_tokens(self.d_tokens[:rows], logits, d["temperatures"][:rows], d["keys"][:rows])
@@ -306,7 +305,7 @@ class ModelRunner:
             parity = self.num_launches % 2
             self.num_launches += 1
             inputs.tokens = LaunchedTokens(self.h_tokens[parity], self.tokens_ready[parity])
-            inputs.tokens.host[:n].copy_(self.d_tokens[:n], non_blocking=True)
+            self.buffers.fetch_sampled(inputs.tokens.host, n)
             if inputs.tokens.ready is not None:
                 inputs.tokens.ready.record()
         return logits
@@ -317,7 +316,7 @@ class ModelRunner:
             return []
         if inputs.tokens.ready is not None:
             inputs.tokens.ready.synchronize()
-        return inputs.tokens.host.numpy()[:inputs.num_samples].tolist()
+        return inputs.tokens.host.view(torch.int64).numpy()[:inputs.num_samples].tolist()
 
     def execute(self, inputs: PrefillInputs | DecodeInputs) -> torch.Tensor:
         """The device part of a step, run by every tensor-parallel rank in the same order: model, LM head and
@@ -406,7 +405,7 @@ class ModelRunner:
         graph_bs = next((bs for bs in self.graph_sizes if bs >= n), None) if self.graphs else None
         rows = graph_bs or n
         h = self.buffers.h
-        h["input_rows"][:rows] = np.arange(self.max_num_seqs, self.max_num_seqs + rows)  # the staged input ids
+        h["input_rows"][:rows] = self.buffers.staged_rows(rows)
         if batch.input_rows is None:
             h["input_ids"][:n] = [s.last_token for s in seqs]
         else:  # planned ahead: the inputs are the running step's tokens, still on the device
