@@ -429,27 +429,49 @@ paged_attention_kernel(const PagedAttentionParams p, int partition_size, int num
   __syncthreads();
   if (!combines) return;
   __threadfence();
-  // Warp w combines heads w, w + kNumWarps, ...; a lane owns HEAD_DIM / 32 elements of the row, and the loads of
-  // 8 partitions go out together (each folds into an online softmax of its own; no common max first).
+  // Warp w combines heads w, w + kNumWarps, ...; a lane owns HEAD_DIM / 32 elements of every row, and lane b
+  // holds the max and sum of partition b of a batch. All loads of a batch go out together, so up to kCombineBatch
+  // partitions cost one L2 round trip (a fold partition by partition waits for one each).
   constexpr int kPerLane = HEAD_DIM / 32;
+  constexpr int kCombineBatch = 16;
   for (int h = warp; h < group; h += kNumWarps) {
     const int head = kv_head * group + h;
     const int64_t row0 = (int64_t(seq) * p.num_q_heads + head) * num_partitions;
     float m_run = -INFINITY, total = 0.f, value[kPerLane] = {};
-#pragma unroll 8
-    for (int i = 0; i < parts; ++i) {
-      const float m_part = __ldcg(ws.max + row0 + i);  // finite: every partition below `parts` holds tokens
-      const float sum_part = __ldcg(ws.sum + row0 + i);
-      const float* row = ws.out + (row0 + i) * HEAD_DIM + lane * kPerLane;
-      float part[kPerLane];
+    for (int first = 0; first < parts; first += kCombineBatch) {
+      const int count = min(kCombineBatch, parts - first);
+      const bool holds = lane < count;
+      const float m_part = holds ? __ldcg(ws.max + row0 + first + lane) : -INFINITY;
+      const float sum_part = holds ? __ldcg(ws.sum + row0 + first + lane) : 0.f;
+      float rows[kCombineBatch][kPerLane];
 #pragma unroll
-      for (int j = 0; j < kPerLane; ++j) part[j] = __ldcg(row + j);
-      const float m_new = fmaxf(m_run, m_part);
-      const float c_self = exp2f(m_run - m_new), weight = sum_part * exp2f(m_part - m_new);
+      for (int b = 0; b < kCombineBatch; ++b) {
+        const float* row = ws.out + (row0 + first + b) * HEAD_DIM + lane * kPerLane;
+#pragma unroll
+        for (int j = 0; j < kPerLane; j += 2) {
+          const float2 pair = b < count ? __ldcg(reinterpret_cast<const float2*>(row + j)) : make_float2(0.f, 0.f);
+          rows[b][j] = pair.x;
+          rows[b][j + 1] = pair.y;
+        }
+      }
+      float m_new = fmaxf(m_run, m_part);  // finite: partition `first` holds tokens
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) m_new = fmaxf(m_new, __shfl_xor_sync(0xffffffffu, m_new, o));
+      const float weight = holds ? sum_part * exp2f(m_part - m_new) : 0.f;
+      float batch_total = weight;
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) batch_total += __shfl_xor_sync(0xffffffffu, batch_total, o);
+      const float c_self = exp2f(m_run - m_new);
+      total = total * c_self + batch_total;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) value[j] *= c_self;
+#pragma unroll
+      for (int b = 0; b < kCombineBatch; ++b) {
+        const float weight_b = __shfl_sync(0xffffffffu, weight, b);
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) value[j] = fmaf(weight_b, rows[b][j], value[j]);
+      }
       m_run = m_new;
-      total = total * c_self + weight;
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) value[j] = fmaf(weight, part[j], value[j] * c_self);
     }
     T* out = static_cast<T*>(p.out) + seq * p.out_seq_stride + head * p.out_head_stride + lane * kPerLane;
 #pragma unroll

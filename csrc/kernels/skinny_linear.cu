@@ -154,6 +154,61 @@ __device__ void stage_activations(float* staged, const Problem& p, int k0, int c
   }
 }
 
+// kAddRmsNorm in one pass over x and residual, when all of K is staged at once and a thread owns at most one
+// 8-column pack of each row (kNormPassCols): the row sums x + residual go to the stage as they are loaded, their
+// squares meet in shared memory, and the stage is scaled in place. compute_row_scales then stage_activations load
+// x and residual twice, one more L2 round trip after the wait.
+constexpr int kNormPassCols = kThreads * 8;
+
+template <typename T, int M>
+__device__ void stage_normed_activations(float* staged, const Problem& p, float (&row_squares)[kWarps][M]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int col = threadIdx.x * 8;
+  const bool owns = col < p.k;
+  Pack<T, 8> norm_weight = {};
+  float squares[M] = {};
+  if (owns) {
+    norm_weight = load_pack<T, 8>(static_cast<const T*>(p.prologue.norm_weight) + col);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const Pack<T, 8> sum = residual_sum<T>(p, m, col);
+      if (blockIdx.x == 0) store_pack(static_cast<T*>(p.prologue.residual_out) + m * p.k + col, sum);
+      float values[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        values[j] = to_float(sum.v[j]);
+        squares[m] += values[j] * values[j];
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        *reinterpret_cast<float4*>(staged + staged_offset<T>(m, col + 4 * h, p.k)) =
+            make_float4(values[4 * h], values[4 * h + 1], values[4 * h + 2], values[4 * h + 3]);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    for (int offset = 16; offset > 0; offset /= 2) squares[m] += __shfl_xor_sync(0xffffffffu, squares[m], offset);
+    if (lane == 0) row_squares[warp][m] = squares[m];
+  }
+  __syncthreads();
+  if (!owns) return;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += row_squares[w][m];
+    const float inv_rms = rsqrtf(total / p.k + p.prologue.eps);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float4* slot = reinterpret_cast<float4*>(staged + staged_offset<T>(m, col + 4 * h, p.k));
+      const float4 sum = *slot;
+      const T* w = norm_weight.v + 4 * h;
+      const auto normed = [&](float x, int j) { return to_float(from_float<T>(x * inv_rms * to_float(w[j]))); };
+      *slot = make_float4(normed(sum.x, 0), normed(sum.y, 1), normed(sum.z, 2), normed(sum.w, 3));
+    }
+  }
+}
+
 constexpr int log2_ceil(int v) { return v <= 1 ? 0 : 1 + log2_ceil((v + 1) / 2); }
 
 // Sums each of kSize values over the warp with kSize - 1 + (5 - log2(kSize)) shuffles, not 5 per value: at each
@@ -194,6 +249,7 @@ __global__ void __launch_bounds__(kThreads, M <= 2 ? 2 : 1) skinny_linear_kernel
   float* staged = reinterpret_cast<float*>(stage_storage);
   __shared__ float partials[kWarps][32];
   __shared__ float inv_rms[M];
+  __shared__ float row_squares[kWarps][M];
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -204,6 +260,7 @@ __global__ void __launch_bounds__(kThreads, M <= 2 ? 2 : 1) skinny_linear_kernel
   const T* weight = static_cast<const T*>(p.weight);
   T* out = static_cast<T*>(p.out);
   const bool single_stage = p.stage_cols >= p.k;
+  const bool one_pass_norm = single_stage && p.k <= kNormPassCols;
   bool staged_once = false;
   allow_dependent_launch();
 
@@ -232,12 +289,18 @@ __global__ void __launch_bounds__(kThreads, M <= 2 ? 2 : 1) skinny_linear_kernel
             __syncthreads();  // every warp is done reading the previous slice
           } else {
             wait_for_prior_grids();  // the activations are the previous kernel's output
-            if constexpr (P == SkinnyPrologue::Kind::kAddRmsNorm) {
+          }
+          bool staged_here = false;
+          if constexpr (P == SkinnyPrologue::Kind::kAddRmsNorm) {
+            if (one_pass_norm) {
+              stage_normed_activations<T, M>(staged, p, row_squares);
+              staged_here = true;
+            } else if (!staged_once) {
               compute_row_scales<T, M>(p, inv_rms);
               __syncthreads();
             }
           }
-          stage_activations<T, M, P>(staged, p, k0, cols, inv_rms);
+          if (!staged_here) stage_activations<T, M, P>(staged, p, k0, cols, inv_rms);
           __syncthreads();
           staged_once = true;
         }
