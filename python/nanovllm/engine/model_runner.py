@@ -38,6 +38,15 @@ def mix_seeds(seeds: np.ndarray, indices: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class StagedSampling:
+    """Whose sampling parameters the step buffers hold: the rows' request ids, their seeds (None: all greedy) and
+    whether some row has top-k / top-p."""
+    ids: list[int]
+    seeds: np.ndarray | None
+    filtered: bool
+
+
+@dataclass
 class LaunchedTokens:
     """Where a launched step's sampled tokens arrive on the host, and the event that says they are there."""
     host: torch.Tensor
@@ -136,6 +145,7 @@ class ModelRunner:
         self.num_launches = 0
         # Recorded after every copy of the staged bytes (in the graphs too): the host rewrites them only after it.
         self.staged_sent = torch.cuda.Event(external=True) if cuda else None
+        self._staged_sampling: StagedSampling | None = None
 
     def _decode_context(self, rows: int) -> Context:
         d = self.buffers.d
@@ -344,21 +354,25 @@ class ModelRunner:
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         return host.to(self.device, non_blocking=True)
 
-    def _stage_sampling(self, seqs: list[Sequence]) -> bool:
-        """Writes the rows' sampling parameters into the step buffers; returns whether some row uses top-k/top-p."""
+    def _stage_sampling(self, seqs: list[Sequence], ids: list[int], token_indices: np.ndarray) -> bool:
+        """Writes the rows' sampling parameters into the step buffers; returns whether some row uses top-k/top-p.
+        token_indices: each row's index of the token being sampled (a pending token counted), its random key's
+        second half. The per-request fields stay in the buffers from the step before when its rows were the same
+        requests (ids), as they are in most decode steps: only the keys change."""
         n, h = len(seqs), self.buffers.h
-        params = [s.params for s in seqs]
-        temperatures = h["temperatures"][:n]
-        temperatures[:] = [p.temperature for p in params]
-        if temperatures.any():  # the key of the token being sampled: its index, a pending token counted
-            seeds = np.fromiter((s.seed for s in seqs), np.uint64, n)
-            indices = np.fromiter((len(s.token_ids) + s.num_pending_tokens for s in seqs), np.uint64, n)
-            h["keys"][:n] = mix_seeds(seeds, indices)
-        filtered = any(p.top_k != -1 or p.top_p < 1 for p in params)
-        if filtered:
-            h["top_ks"][:n] = [p.top_k if p.top_k != -1 else self.vocab_size for p in params]
-            h["top_ps"][:n] = [p.top_p for p in params]
-        return filtered
+        if self._staged_sampling is None or self._staged_sampling.ids != ids:
+            params = [s.params for s in seqs]
+            h["temperatures"][:n] = [p.temperature for p in params]
+            seeds = np.fromiter((s.seed for s in seqs), np.uint64, n) if h["temperatures"][:n].any() else None
+            filtered = any(p.top_k != -1 or p.top_p < 1 for p in params)
+            if filtered:
+                h["top_ks"][:n] = [p.top_k if p.top_k != -1 else self.vocab_size for p in params]
+                h["top_ps"][:n] = [p.top_p for p in params]
+            self._staged_sampling = StagedSampling(ids, seeds, filtered)
+        seeds = self._staged_sampling.seeds
+        if seeds is not None:
+            h["keys"][:n] = mix_seeds(seeds, token_indices.astype(np.uint64))
+        return self._staged_sampling.filtered
 
     def _prefill_inputs(self, batch: Batch) -> PrefillInputs:
         chunks = batch.chunks
@@ -381,7 +395,10 @@ class ModelRunner:
             for chunk in chunks:
                 alloc.fill_slots(chunk.seq.seq_id, 0, chunk.end, prefix_slots, offset)
                 offset += chunk.end
-        filtered = self._stage_sampling(batch.sampling_seqs)
+        seqs = batch.sampling_seqs
+        filtered = self._stage_sampling(seqs, [s.seq_id for s in seqs],
+                                        np.fromiter((len(s.token_ids) + s.num_pending_tokens for s in seqs), np.int64,
+                                                    len(seqs)))
         return PrefillInputs(input_ids, positions, slots, seqlens_q, seqlens_k, prefix_slots,
                              [i for i, c in enumerate(chunks) if c.samples], filtered, self.buffers.sampling_bytes)
 
@@ -399,15 +416,14 @@ class ModelRunner:
         return hidden[self._to_device(last)]
 
     def _decode_inputs(self, batch: Batch) -> DecodeInputs:
-        seqs = batch.seqs
+        seqs, ids = batch.seqs, batch.seq_ids
         n = len(seqs)
-        ids = [s.seq_id for s in seqs]
         graph_bs = next((bs for bs in self.graph_sizes if bs >= n), None) if self.graphs else None
         rows = graph_bs or n
         h = self.buffers.h
         h["input_rows"][:rows] = self.buffers.staged_rows(rows)
         if batch.input_rows is None:
-            h["input_ids"][:n] = [s.last_token for s in seqs]
+            h["input_ids"][:n] = batch.input_ids
         else:  # planned ahead: the inputs are the running step's tokens, still on the device
             h["input_rows"][:n] = batch.input_rows
         self.allocator.fill_decode_inputs(ids, h["positions"], h["slots"], h["context_lens"])
@@ -415,7 +431,9 @@ class ModelRunner:
         if rows > n:  # padding rows of a captured graph: nothing stored, no attention
             for name, value in (("slots", -1), ("context_lens", 0), ("input_ids", 0), ("positions", 0)):
                 h[name][n:rows] = value
-        return DecodeInputs(n, rows, graph_bs, self._stage_sampling(seqs), self.buffers.decode_bytes(rows))
+        # The token sampled from row i has index context_lens[i] (the allocator counts a pending token).
+        filtered = self._stage_sampling(seqs, ids, h["context_lens"][:n])
+        return DecodeInputs(n, rows, graph_bs, filtered, self.buffers.decode_bytes(rows))
 
     def close(self) -> None:
         self.graphs.clear()

@@ -37,6 +37,9 @@ class Batch:
     seqs: list[Sequence]        # decode steps: every running sequence
     # A step planned ahead: for each sequence, the row of the step before whose sampled token is its input.
     input_rows: list[int] | None = None
+    # Decode steps: the seqs' ids and, unless planned ahead, their input tokens, as the allocator got them.
+    seq_ids: list[int] | None = None
+    input_ids: list[int] | None = None
 
     @property
     def sampling_seqs(self) -> list[Sequence]:
@@ -65,7 +68,7 @@ class Scheduler:
             return Batch(True, chunks, [])
         if not self.running:
             raise RuntimeError("scheduler stalled: no running sequence and the next prompt does not fit the KV cache")
-        return Batch(False, [], self._schedule_decode())
+        return self._schedule_decode()
 
     def _schedule_prefill(self) -> list[PrefillChunk]:
         chunks: list[PrefillChunk] = []
@@ -93,17 +96,19 @@ class Scheduler:
                 self.running.append(chunk.seq)
         return chunks
 
-    def _schedule_decode(self) -> list[Sequence]:
+    def _schedule_decode(self) -> Batch:
         # The token sampled last step enters the allocator now: this step computes its KV.
-        while not self.allocator.can_append_all([s.seq_id for s in self.running]):
+        ids = [s.seq_id for s in self.running]
+        while not self.allocator.can_append_all(ids):
             self._preempt(self.running.pop())
+            ids.pop()
             if not self.running:  # validation guarantees one request fits the cache alone
                 raise RuntimeError("KV cache too small for a single running sequence")
-        ids = [s.seq_id for s in self.running]
-        self.allocator.append_all(ids, [s.last_token for s in self.running])
+        tokens = [s.last_token for s in self.running]
+        self.allocator.append_all(ids, tokens)
         for seq in self.running:
             seq.num_computed_tokens = len(seq)
-        return list(self.running)
+        return Batch(False, [], list(self.running), seq_ids=ids, input_ids=tokens)
 
     def schedule_ahead(self, batch: Batch) -> Batch | None:
         """The decode step after `batch`, a decode step whose tokens are not known yet: every sequence of it
@@ -123,7 +128,7 @@ class Scheduler:
         for seq in seqs:
             seq.num_pending_tokens = 1
             seq.num_computed_tokens = len(seq) + 1
-        return Batch(False, [], seqs, rows)
+        return Batch(False, [], seqs, rows, seq_ids=ids)
 
     def _preempt(self, seq: Sequence) -> None:
         """Drop the sequence's blocks; it is recomputed later (prompt + generated tokens, prefix cache helps)."""
