@@ -90,6 +90,22 @@ __device__ __forceinline__ int staged_offset(int m, int col, int cols) {
   return m * cols + (col % V) / 4 * (cols / (V / 4)) + col / V * 4;
 }
 
+// Stores 8 staged floats of row m from column col (a multiple of 8): two float4 runs at their staged offsets.
+template <typename T>
+__device__ __forceinline__ void store_staged8(float* staged, int m, int col, int cols, const float (&values)[8]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    *reinterpret_cast<float4*>(staged + staged_offset<T>(m, col + 4 * h, cols)) =
+        make_float4(values[4 * h], values[4 * h + 1], values[4 * h + 2], values[4 * h + 3]);
+}
+
+// One element of rms_norm(x + residual) * w, rounded to T as rms_norm's output is, so the product is that of the
+// two unfused ops.
+template <typename T>
+__device__ __forceinline__ float normed(float sum, float inv_rms, T weight) {
+  return to_float(from_float<T>(sum * inv_rms * to_float(weight)));
+}
+
 // x + residual rounded to T, as fused_add_rms_norm stores it.
 template <typename T>
 __device__ __forceinline__ Pack<T, 8> residual_sum(const Problem& p, int m, int col) {
@@ -135,22 +151,17 @@ __device__ void stage_activations(float* staged, const Problem& p, int k0, int c
 #pragma unroll
       for (int j = 0; j < 8; ++j) values[j] = silu(to_float(first.v[j])) * to_float(up.v[j]);
     } else if constexpr (P == SkinnyPrologue::Kind::kAddRmsNorm) {
-      // Rounded to T as rms_norm's output is, so the product is that of the two unfused ops.
       const Pack<T, 8> sum = residual_sum<T>(p, m, k0 + col);
       const Pack<T, 8> w = load_pack<T, 8>(static_cast<const T*>(p.prologue.norm_weight) + k0 + col);
       if (blockIdx.x == 0) store_pack(static_cast<T*>(p.prologue.residual_out) + m * p.k + k0 + col, sum);
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
-        values[j] = to_float(from_float<T>(to_float(sum.v[j]) * inv_rms[m] * to_float(w.v[j])));
+      for (int j = 0; j < 8; ++j) values[j] = normed(to_float(sum.v[j]), inv_rms[m], w.v[j]);
     } else {
       const Pack<T, 8> first = load_pack<T, 8>(row);
 #pragma unroll
       for (int j = 0; j < 8; ++j) values[j] = to_float(first.v[j]);
     }
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      *reinterpret_cast<float4*>(staged + staged_offset<T>(m, col + 4 * h, cols)) =
-          make_float4(values[4 * h], values[4 * h + 1], values[4 * h + 2], values[4 * h + 3]);
+    store_staged8<T>(staged, m, col, cols, values);
   }
 }
 
@@ -179,10 +190,7 @@ __device__ void stage_normed_activations(float* staged, const Problem& p, float 
         values[j] = to_float(sum.v[j]);
         squares[m] += values[j] * values[j];
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        *reinterpret_cast<float4*>(staged + staged_offset<T>(m, col + 4 * h, p.k)) =
-            make_float4(values[4 * h], values[4 * h + 1], values[4 * h + 2], values[4 * h + 3]);
+      store_staged8<T>(staged, m, col, p.k, values);
     }
   }
 #pragma unroll
@@ -203,8 +211,8 @@ __device__ void stage_normed_activations(float* staged, const Problem& p, float 
       float4* slot = reinterpret_cast<float4*>(staged + staged_offset<T>(m, col + 4 * h, p.k));
       const float4 sum = *slot;
       const T* w = norm_weight.v + 4 * h;
-      const auto normed = [&](float x, int j) { return to_float(from_float<T>(x * inv_rms * to_float(w[j]))); };
-      *slot = make_float4(normed(sum.x, 0), normed(sum.y, 1), normed(sum.z, 2), normed(sum.w, 3));
+      *slot = make_float4(normed(sum.x, inv_rms, w[0]), normed(sum.y, inv_rms, w[1]), normed(sum.z, inv_rms, w[2]),
+                          normed(sum.w, inv_rms, w[3]));
     }
   }
 }
@@ -290,17 +298,19 @@ __global__ void __launch_bounds__(kThreads, M <= 2 ? 2 : 1) skinny_linear_kernel
           } else {
             wait_for_prior_grids();  // the activations are the previous kernel's output
           }
-          bool staged_here = false;
           if constexpr (P == SkinnyPrologue::Kind::kAddRmsNorm) {
             if (one_pass_norm) {
               stage_normed_activations<T, M>(staged, p, row_squares);
-              staged_here = true;
-            } else if (!staged_once) {
-              compute_row_scales<T, M>(p, inv_rms);
-              __syncthreads();
+            } else {
+              if (!staged_once) {
+                compute_row_scales<T, M>(p, inv_rms);
+                __syncthreads();
+              }
+              stage_activations<T, M, P>(staged, p, k0, cols, inv_rms);
             }
+          } else {
+            stage_activations<T, M, P>(staged, p, k0, cols, inv_rms);
           }
-          if (!staged_here) stage_activations<T, M, P>(staged, p, k0, cols, inv_rms);
           __syncthreads();
           staged_once = true;
         }
