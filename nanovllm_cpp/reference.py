@@ -163,9 +163,10 @@ def sampling_uniforms(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def sample_tokens(out: torch.Tensor, logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor) -> None:
     """Greedy rows (temperature 0) take argmax(logits); the others the Gumbel-max sample
-    argmax(logits / T - log(-log(u))), u = sampling_uniforms(keys). NaN never wins; ties go to the lowest id."""
+    argmax(logits * (1 / T) - log(-log(u))), u = sampling_uniforms(keys) (1 / T rounded to fp32 once per row, as
+    the kernel does). NaN never wins; ties go to the lowest id."""
     x = logits.float().nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     greedy = temperatures == 0
-    scores = x / torch.where(greedy, 1.0, temperatures).unsqueeze(1) - torch.log(
-        -torch.log(sampling_uniforms(keys, logits.shape[1])))
+    inverse_temperatures = torch.where(greedy, 1.0, temperatures).float().reciprocal()
+    scores = x * inverse_temperatures.unsqueeze(1) - torch.log(-torch.log(sampling_uniforms(keys, logits.shape[1])))
     out.copy_(torch.where(greedy, x.argmax(-1), scores.argmax(-1)))
