@@ -156,3 +156,37 @@ def test_decode_graph_per_layer(context, report):
         times[name] = cuda_time_ms(graph.replay, warmup=20, iters=200) * 1e3 / DECODE_LAYERS
     report(f"decode graph, batch 1, max ctx {DECODE_MAX_CONTEXT}, {DECODE_LAYERS} layers: ctx {context:>5} "
            + ", ".join(f"{name} {us:6.2f}" for name, us in times.items()) + " us per layer")
+
+
+@requires_cuda
+@pytest.mark.parametrize("batch,mean_context", [(40, 1450), (80, 1270), (112, 1120), (160, 950), (224, 700)])
+def test_paged_attention_mixed_lengths(batch, mean_context, copy_bandwidth_gbps, report):
+    """Decode batches like W0's middle and tail: context lengths drawn from [mean / 4, 7 mean / 4), the launch
+    shaped for max_context_len 2048 (the benchmark's CUDA graphs). Speed is the bytes of the real lengths."""
+    max_context_len, block_size = 2048, 16
+    g = torch.Generator().manual_seed(batch)
+    lens = torch.randint(mean_context // 4, min(7 * mean_context // 4, max_context_len), (batch,), generator=g,
+                         dtype=torch.int32)
+    kv_bytes = 2 * int(lens.sum()) * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    copies = max(1, -(-ROTATE_BYTES // kv_bytes))
+    width = max_context_len // block_size
+    num_blocks = copies * batch * width
+    k_cache = torch.randn(num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(num_blocks, device="cuda").int().view(copies, batch, width)
+    queries = [torch.randn(batch, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE) for _ in range(copies)]
+    lens = lens.cuda()
+    out = torch.empty(batch, NUM_Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    workspace = ops.paged_attention_workspace(batch, NUM_Q_HEADS, HEAD_DIM, max_context_len, "cuda")
+    turn = itertools.cycle(range(copies))
+
+    def kernel():
+        i = next(turn)
+        ops.paged_attention_decode(out, queries[i], k_cache, v_cache, tables[i], lens, HEAD_DIM ** -0.5,
+                                   max_context_len, workspace)
+
+    ms = cuda_time_ms(kernel, warmup=20, iters=200)
+    gbps = kv_bytes / ms / 1e6
+    report(f"paged_attention_decode mixed lengths: batch {batch:>3}, contexts {mean_context // 4}-"
+           f"{min(7 * mean_context // 4, max_context_len) - 1} (max ctx {max_context_len}): {ms * 1e3:7.1f} us "
+           f"{gbps:6.0f} GB/s ({gbps / copy_bandwidth_gbps:.1%} of copy)")

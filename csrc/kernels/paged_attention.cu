@@ -419,16 +419,19 @@ paged_attention_kernel(const PagedAttentionParams p, int partition_size, int num
   // The last partition of this (sequence, kv head) to finish combines them all.
   const int parts = (len + partition_size - 1) / partition_size;
   __shared__ bool combines;
-  __threadfence();  // this CTA's partial rows are visible device-wide before it counts itself done
-  __syncthreads();
+  __syncthreads();  // every partial row of this CTA is written
   if (threadIdx.x == 0) {
     unsigned* done = ws.partitions_done(seq, kv_head);
-    combines = atomicAdd(done, 1u) == unsigned(parts - 1);
+    // One thread counts the CTA done with release and acquire at device scope: the release publishes the rows the
+    // barrier above ordered before it, the acquire (with the barrier below) makes the other partitions' rows
+    // visible to the whole CTA. A fence in every thread, as before, cost each partition a wait of its own.
+    unsigned finished_before;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(finished_before) : "l"(done) : "memory");
+    combines = finished_before == unsigned(parts - 1);
     if (combines) *done = 0;  // the next launch counts from zero (it runs after this kernel has ended)
   }
   __syncthreads();
   if (!combines) return;
-  __threadfence();
   // Warp w combines heads w, w + kNumWarps, ...; a lane owns HEAD_DIM / 32 elements of every row, and lane b
   // holds the max and sum of partition b of a batch. All loads of a batch go out together, so up to kCombineBatch
   // partitions cost one L2 round trip (a fold partition by partition waits for one each).
@@ -489,11 +492,17 @@ struct Split {
 // max_context_len (CUDA graphs), the partitions past a sequence's real end exit at once, and the live ones are as
 // many as the real length allows. Two bounds keep them from getting shorter still: the workspace
 // (kMaxSplitRows), and kMaxCtasPerSm, which keeps a launch for a huge max_context_len from being mostly CTAs that
-// only exit. Once the pairs fill the GPU, partitions are kLongPartitionTokens long: short sequences take one
-// partition and write their output directly, and only long ones are split (and combined), so one long sequence
-// cannot hold up a large batch.
+// only exit. Once the pairs fill the GPU, short sequences take one partition and write their output directly, and
+// only long ones are split (and combined), so one long sequence cannot hold up a large batch. How long is long
+// depends on how many pairs each SM gets. With few (fewer than kBalancedCtasPerSm), a batch of mixed lengths (W0's
+// middle and tail) would end with the CTAs of its longest sequences running alone, so partitions are
+// kBalancingPartitionTokens long (H200, 80 sequences of 317 to 2047 tokens: 110.2 us, against 123.6 us with one
+// partition per sequence; 256 tokens is slower again from 160 sequences up, where the combines cost more than the
+// balance brings). With many, an SM's CTAs average the lengths out and a split only adds combines (224 sequences:
+// the same time either way; W1, 256 sequences: 1% faster unsplit), so partitions are kLongPartitionTokens long.
 Split choose_split(const PagedAttentionParams& p) {
-  constexpr int64_t kEnoughCtasPerSm = 2, kMaxCtasPerSm = 8, kLongPartitionTokens = 4096;
+  constexpr int64_t kEnoughCtasPerSm = 2, kBalancedCtasPerSm = 12, kMaxCtasPerSm = 8;
+  constexpr int64_t kBalancingPartitionTokens = 512, kLongPartitionTokens = 4096;
   const int64_t work_items = int64_t(p.num_seqs) * p.num_kv_heads;
   const int64_t max_len = p.max_context_len;
   const int64_t max_partitions = kMaxSplitRows / p.num_seqs;  // what the workspace holds
@@ -503,7 +512,7 @@ Split choose_split(const PagedAttentionParams& p) {
   const int64_t sms = std::max(kernels::current_device_traits().multiprocessors, 1);
   int64_t size = (max_len + max_partitions - 1) / max_partitions;
   if (work_items >= kEnoughCtasPerSm * sms) {
-    size = std::max(size, kLongPartitionTokens);
+    size = std::max(size, work_items < kBalancedCtasPerSm * sms ? kBalancingPartitionTokens : kLongPartitionTokens);
   } else {
     const int64_t max_ctas = kMaxCtasPerSm * sms;
     size = std::max({size, kMinPartitionTokens, (max_len * work_items + max_ctas - 1) / max_ctas});
