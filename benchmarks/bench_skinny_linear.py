@@ -1,4 +1,4 @@
-"""Decode GEMMs of Qwen3-0.6B (bf16) at M = 1, 4, 8 rows: skinny_linear against F.linear (cuBLAS).
+"""Decode GEMMs of Qwen3-0.6B (bf16) at M = 1, 2, 4, 8 rows: skinny_linear against F.linear (cuBLAS).
 
 At these M the weight is read once per call and is nearly all the bytes, so speed is weight bytes over the
 median time, also as a fraction of the same-run device copy bandwidth (bytes read + written). Each call takes
@@ -24,7 +24,7 @@ NUM_LAYERS = 28
 # name: (N, K)
 SHAPES = {"qkv_proj": (4096, 1024), "o_proj": (1024, 2048), "gate_up_proj": (6144, 1024), "down_proj": (1024, 3072),
           "lm_head": (151936, 1024)}
-ROWS = [1, 4, 8]
+ROWS = [1, 2, 4, 8]
 MIN_CALLS_PER_GRAPH = 16
 
 step_us: dict[tuple[str, int], tuple[float, float]] = {}  # (variant, M) -> (ours, cuBLAS) per decode step

@@ -1,0 +1,126 @@
+// What one grid-wide synchronisation costs on this GPU, two ways, for a decode step built of small dependent
+// kernels:
+// - a kernel boundary: a CUDA graph of kPhases kernels, each reading a value its predecessor wrote (with and
+//   without programmatic dependent launch);
+// - a grid barrier: one persistent kernel that does the same kPhases times, with a barrier between phases
+//   (each CTA adds to a counter with release semantics, then spins on it with acquire loads).
+// Every phase, block b reads the value block b + 1 wrote in the phase before, so no phase can skip the sync.
+//
+//   nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -o /tmp/sync_cost benchmarks/sync_cost.cu && /tmp/sync_cost
+#include <cuda_runtime.h>
+
+#include <cstdio>
+
+#define CHECK(call)                                                                            \
+  do {                                                                                         \
+    const cudaError_t status = (call);                                                         \
+    if (status != cudaSuccess) {                                                               \
+      std::printf("%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(status));              \
+      return 1;                                                                                \
+    }                                                                                          \
+  } while (0)
+
+constexpr int kPhases = 140;  // about the kernels of a 28-layer decode step
+constexpr int kReplays = 200;
+
+__device__ __forceinline__ void pass_value_on(unsigned* values, int phase) {
+  __shared__ unsigned seen;
+  if (threadIdx.x == 0) seen = values[(blockIdx.x + 1) % gridDim.x];
+  __syncthreads();
+  if (threadIdx.x == 0) values[blockIdx.x] = seen + phase;
+}
+
+__global__ void phase_kernel(unsigned* values, int phase) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  pass_value_on(values, phase);
+}
+
+__device__ __forceinline__ void grid_barrier(unsigned* arrived, unsigned target) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(arrived) : "memory");
+    unsigned count;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(count) : "l"(arrived) : "memory");
+    } while (count < target);
+  }
+  __syncthreads();
+}
+
+// Every CTA must be resident at once: launch at most one CTA per SM per occupancy slot.
+__global__ void persistent_kernel(unsigned* values, unsigned* arrived) {
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // the counter's reset
+  for (int phase = 0; phase < kPhases; ++phase) {
+    pass_value_on(values, phase);
+    grid_barrier(arrived, (phase + 1) * gridDim.x);
+  }
+}
+
+__global__ void reset_counter(unsigned* arrived) { *arrived = 0; }
+
+// Microseconds per replay of `graph`.
+static float replay_us(cudaGraphExec_t graph, cudaStream_t stream) {
+  for (int i = 0; i < 20; ++i) cudaGraphLaunch(graph, stream);
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  cudaEventRecord(start, stream);
+  for (int i = 0; i < kReplays; ++i) cudaGraphLaunch(graph, stream);
+  cudaEventRecord(stop, stream);
+  cudaEventSynchronize(stop);
+  float ms = 0.f;
+  cudaEventElapsedTime(&ms, start, stop);
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return ms * 1e3f / kReplays;
+}
+
+int main() {
+  unsigned *values, *arrived;
+  CHECK(cudaMalloc(&values, 4096 * sizeof(unsigned)));
+  CHECK(cudaMalloc(&arrived, sizeof(unsigned)));
+  cudaStream_t stream;
+  CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  int sms = 0;
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  cudaDeviceProp props;
+  CHECK(cudaGetDeviceProperties(&props, 0));
+  std::printf("%s, %d SMs, %d phases\n", props.name, sms, kPhases);
+  for (int threads : {128, 512}) {
+    for (int ctas_per_sm : {1, 2}) {
+      for (int programmatic : {0, 1}) {
+        cudaLaunchAttribute attribute;
+        attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attribute.val.programmaticStreamSerializationAllowed = programmatic;
+        cudaLaunchConfig_t config = {};
+        config.gridDim = dim3(sms * ctas_per_sm);
+        config.blockDim = dim3(threads);
+        config.stream = stream;
+        config.attrs = &attribute;
+        config.numAttrs = 1;
+
+        cudaGraph_t graph;
+        cudaGraphExec_t chain, persistent;
+        CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+        for (int phase = 0; phase < kPhases; ++phase) CHECK(cudaLaunchKernelEx(&config, phase_kernel, values, phase));
+        CHECK(cudaStreamEndCapture(stream, &graph));
+        CHECK(cudaGraphInstantiate(&chain, graph, 0));
+        CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+        reset_counter<<<1, 1, 0, stream>>>(arrived);
+        CHECK(cudaLaunchKernelEx(&config, persistent_kernel, values, arrived));
+        CHECK(cudaStreamEndCapture(stream, &graph));
+        CHECK(cudaGraphInstantiate(&persistent, graph, 0));
+
+        const float chain_us = replay_us(chain, stream), persistent_us = replay_us(persistent, stream);
+        CHECK(cudaStreamSynchronize(stream));
+        std::printf("%3d threads x %3d CTAs, programmatic launch %s: %.3f us a kernel boundary, %.3f us a grid barrier\n",
+                    threads, sms * ctas_per_sm, programmatic ? "on " : "off", chain_us / kPhases,
+                    persistent_us / kPhases);
+        CHECK(cudaGraphExecDestroy(chain));
+        CHECK(cudaGraphExecDestroy(persistent));
+      }
+    }
+  }
+  return 0;
+}
