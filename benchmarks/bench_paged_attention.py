@@ -165,8 +165,8 @@ def test_paged_attention_mixed_lengths(batch, mean_context, copy_bandwidth_gbps,
     shaped for max_context_len 2048 (the benchmark's CUDA graphs). Speed is the bytes of the real lengths."""
     max_context_len, block_size = 2048, 16
     g = torch.Generator().manual_seed(batch)
-    lens = torch.randint(mean_context // 4, min(7 * mean_context // 4, max_context_len), (batch,), generator=g,
-                         dtype=torch.int32)
+    lowest, bound = mean_context // 4, min(7 * mean_context // 4, max_context_len)
+    lens = torch.randint(lowest, bound, (batch,), generator=g, dtype=torch.int32)
     kv_bytes = 2 * int(lens.sum()) * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
     copies = max(1, -(-ROTATE_BYTES // kv_bytes))
     width = max_context_len // block_size
@@ -187,6 +187,6 @@ def test_paged_attention_mixed_lengths(batch, mean_context, copy_bandwidth_gbps,
 
     ms = cuda_time_ms(kernel, warmup=20, iters=200)
     gbps = kv_bytes / ms / 1e6
-    report(f"paged_attention_decode mixed lengths: batch {batch:>3}, contexts {mean_context // 4}-"
-           f"{min(7 * mean_context // 4, max_context_len) - 1} (max ctx {max_context_len}): {ms * 1e3:7.1f} us "
+    report(f"paged_attention_decode mixed lengths: batch {batch:>3}, contexts {lowest}-{bound - 1} "
+           f"(max ctx {max_context_len}): {ms * 1e3:7.1f} us "
            f"{gbps:6.0f} GB/s ({gbps / copy_bandwidth_gbps:.1%} of copy)")
