@@ -137,13 +137,13 @@ def paged_attention_workspace_size(max_num_seqs: int, num_q_heads: int, head_dim
     """float32 elements of scratch the decode kernel needs for any batch up to these bounds.
 
     Split-K keeps, per (sequence, query head, partition), a partial output row plus its running max and sum, and
-    per (sequence, kv head) a counter of the partitions done. Partitions hold at least 64 tokens and one launch
-    splits into at most 4096 (sequence, partition) pairs, so the size is
-    min(max_num_seqs * ceil(max_context_len / 64), 4096) * num_q_heads * (head_dim + 3)
+    per (sequence, kv head) a counter of the partitions done. Partitions hold at least 64 tokens (the fused
+    prologue's new token takes one more) and one launch splits into at most 4096 (sequence, partition) pairs, so
+    the size is min(max_num_seqs * (ceil(max_context_len / 64) + 1), 4096) * num_q_heads * (head_dim + 3)
     (34 MB for 512 seqs x 16 heads x head_dim 128 at any context). Mirrors csrc/kernels/paged_attention.h.
     """
     min_partition_tokens, max_split_rows = 64, 4096
-    rows = min(max_num_seqs * -(-max_context_len // min_partition_tokens), max_split_rows)
+    rows = min(max_num_seqs * (-(-max_context_len // min_partition_tokens) + 1), max_split_rows)
     return rows * num_q_heads * (head_dim + 3)
 
 

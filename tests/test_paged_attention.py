@@ -265,7 +265,7 @@ def test_workspace_stays_modest():
     # 512 sequences x 16 heads x head_dim 128 at a 40960-token context: the split is capped, not per token.
     size = ops.paged_attention_workspace_size(512, 16, 128, 40960)
     assert size * 4 <= 64 * 2**20
-    assert ops.paged_attention_workspace_size(1, 16, 128, 32768) == 512 * 16 * 131
+    assert ops.paged_attention_workspace_size(1, 16, 128, 32768) == 513 * 16 * 131
     assert ops.paged_attention_workspace_size(8, 16, 128, 100) >= ops.paged_attention_workspace_size(1, 16, 128, 100)
 
 

@@ -13,6 +13,8 @@
 // With the fused prologue (DecodePrologue) the kernel also does the attention block's q/k norm, rotary and KV
 // store, and it fetches the cached tokens of its first tile before waiting for the kernel in front (programmatic
 // launch), which produces only q and the new token: at batch 1 that hides the cache's round trip and a launch.
+// A split sequence's new token gets a CTA of its own, so that the CTA doing the prologue's extra work attends to
+// nothing else.
 #include "kernels/paged_attention.h"
 
 #include "kernels/launch.cuh"
@@ -101,16 +103,16 @@ __device__ __forceinline__ int sequence_length(const PagedAttentionParams& p, in
 // exp2(x - m) where a max of -inf (nothing seen yet) must give 0 for x = -inf, not NaN.
 __device__ __forceinline__ float safe_max(float m) { return m == -INFINITY ? 0.f : m; }
 
-// The workspace of a split launch: per (sequence, query head, partition) a normalised partial output row, then all
-// partial maxima, then all partial sums; and, counted back from the workspace's end (where no launch shape puts
-// its rows), one counter of finished partitions per (sequence, kv head).
+// The workspace of a split launch: per (sequence, query head, CTA along x) a normalised partial output row, then
+// all partial maxima, then all partial sums; and, counted back from the workspace's end (where no launch shape
+// puts its rows), one counter of finished partitions per (sequence, kv head).
 struct Workspace {
   float* out;
   float* max;
   float* sum;
   unsigned* counters_end;
-  __device__ Workspace(const PagedAttentionParams& p, int num_partitions) {
-    const int64_t rows = int64_t(p.num_seqs) * p.num_q_heads * num_partitions;
+  __device__ Workspace(const PagedAttentionParams& p, int rows_per_head) {
+    const int64_t rows = int64_t(p.num_seqs) * p.num_q_heads * rows_per_head;
     out = p.workspace;
     max = out + rows * p.head_dim;
     sum = max + rows;
@@ -235,12 +237,21 @@ paged_attention_kernel(const PagedAttentionParams p, int partition_size, int num
 
   const int partition = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
   const int len = sequence_length(p, seq);
-  const int start = partition * partition_size;
-  if (start >= len) return;  // padding row, or a partition past this sequence's end
-  const int end = min(start + partition_size, len);
   const bool whole_sequence = len <= partition_size;  // one partition: no combine, write out directly
-  const bool new_token_here = kFused && end == len;   // this CTA stores and attends to token len - 1 itself
+  // Fused, a sequence longer than one partition has its newest token in a CTA of its own, the one past the
+  // partitions (launched only then): its norm, rotary, store and attention run beside the partitions', not on top
+  // of the last partition's.
+  const bool new_token_apart = kFused && !whole_sequence;
+  const bool new_token_cta = partition == num_partitions;
+  const int tokens = new_token_apart ? len - 1 : len;  // the tokens the partitions cut
+  const int start = new_token_cta ? len - 1 : partition * partition_size;
+  if (new_token_cta ? !new_token_apart : start >= tokens) return;  // padding row, or past this sequence's end
+  const int end = new_token_cta ? len : min(start + partition_size, tokens);
+  const bool new_token_here = kFused && end == len;  // this CTA stores and attends to token len - 1 itself
   const int cached_end = new_token_here ? len - 1 : end;
+  // Partial rows, in token order: the partitions', then the new token's.
+  const int parts = (tokens + partition_size - 1) / partition_size + (new_token_apart ? 1 : 0);
+  const int part = new_token_cta ? parts - 1 : partition;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slot = lane / kLanes;          // which token of a load this lane reads
@@ -389,7 +400,7 @@ paged_attention_kernel(const PagedAttentionParams p, int partition_size, int num
   }
   __syncthreads();
 
-  const Workspace ws(p, num_partitions);
+  const Workspace ws(p, gridDim.x);
   for (int idx = threadIdx.x; idx < group * HEAD_DIM; idx += kThreads) {
     const int h = idx / HEAD_DIM, d = idx % HEAD_DIM;
     float m_all = -INFINITY;
@@ -406,7 +417,7 @@ paged_attention_kernel(const PagedAttentionParams p, int partition_size, int num
     if (whole_sequence) {
       store(static_cast<T*>(p.out) + seq * p.out_seq_stride + head * p.out_head_stride + d, out / sum);
     } else {
-      const int64_t row = (int64_t(seq) * p.num_q_heads + head) * num_partitions + partition;
+      const int64_t row = (int64_t(seq) * p.num_q_heads + head) * gridDim.x + part;
       ws.out[row * HEAD_DIM + d] = out / sum;
       if (d == 0) {
         ws.max[row] = m_all;
@@ -417,7 +428,6 @@ paged_attention_kernel(const PagedAttentionParams p, int partition_size, int num
   if (whole_sequence) return;
 
   // The last partition of this (sequence, kv head) to finish combines them all.
-  const int parts = (len + partition_size - 1) / partition_size;
   __shared__ bool combines;
   __syncthreads();  // every partial row of this CTA is written
   if (threadIdx.x == 0) {
@@ -439,7 +449,7 @@ paged_attention_kernel(const PagedAttentionParams p, int partition_size, int num
   constexpr int kCombineBatch = 16;
   for (int h = warp; h < group; h += kNumWarps) {
     const int head = kv_head * group + h;
-    const int64_t row0 = (int64_t(seq) * p.num_q_heads + head) * num_partitions;
+    const int64_t row0 = (int64_t(seq) * p.num_q_heads + head) * gridDim.x;
     float m_run = -INFINITY, total = 0.f, value[kPerLane] = {};
     for (int first = 0; first < parts; first += kCombineBatch) {
       const int count = min(kCombineBatch, parts - first);
@@ -505,7 +515,9 @@ Split choose_split(const PagedAttentionParams& p) {
   constexpr int64_t kBalancingPartitionTokens = 512, kLongPartitionTokens = 4096;
   const int64_t work_items = int64_t(p.num_seqs) * p.num_kv_heads;
   const int64_t max_len = p.max_context_len;
-  const int64_t max_partitions = kMaxSplitRows / p.num_seqs;  // what the workspace holds
+  const bool fused = p.prologue.key != nullptr;
+  // What the workspace holds; fused, a split sequence has one more partial row (its new token's CTA).
+  const int64_t max_partitions = kMaxSplitRows / p.num_seqs - (fused ? 1 : 0);
   if (max_partitions < 2 || max_len <= kMinPartitionTokens) {
     return {int((max_len + kTileAlign - 1) / kTileAlign * kTileAlign), 1};
   }
@@ -523,9 +535,12 @@ Split choose_split(const PagedAttentionParams& p) {
 
 template <typename T, int HEAD_DIM, int GROUP>
 cudaError_t launch(const PagedAttentionParams& p, const Split& split, cudaStream_t stream) {
-  const dim3 grid(split.num_partitions, p.num_kv_heads, p.num_seqs);
-  const auto kernel = p.prologue.key != nullptr ? paged_attention_kernel<T, HEAD_DIM, GROUP, true>
-                                               : paged_attention_kernel<T, HEAD_DIM, GROUP, false>;
+  const bool fused = p.prologue.key != nullptr;
+  // Fused and split, one CTA past the partitions holds the new token.
+  const int new_token_ctas = fused && split.num_partitions > 1 ? 1 : 0;
+  const dim3 grid(split.num_partitions + new_token_ctas, p.num_kv_heads, p.num_seqs);
+  const auto kernel = fused ? paged_attention_kernel<T, HEAD_DIM, GROUP, true>
+                            : paged_attention_kernel<T, HEAD_DIM, GROUP, false>;
   return kernels::launch_kernel(kernel, {grid, dim3(kThreads)}, stream, p, split.partition_size,
                                 split.num_partitions);
 }

@@ -49,9 +49,10 @@ struct PagedAttentionParams {
   DecodePrologue prologue;  // key == nullptr: query and cache are final (paged_attention_decode)
 };
 
-// Split-K: a sequence's context is cut into partitions of at least kMinPartitionTokens tokens, and a launch
-// never holds more than kMaxSplitRows (sequence, partition) pairs, so the float32 workspace needs
-//   min(num_seqs * ceil(max_context_len / kMinPartitionTokens), kMaxSplitRows) * num_q_heads * (head_dim + 3)
+// Split-K: a sequence's context is cut into partitions of at least kMinPartitionTokens tokens (with the fused
+// prologue, its new token takes one more), and a launch never holds more than kMaxSplitRows (sequence, partition)
+// pairs, so the float32 workspace needs
+//   min(num_seqs * (ceil(max_context_len / kMinPartitionTokens) + 1), kMaxSplitRows) * num_q_heads * (head_dim + 3)
 // elements: per query head a partial output row plus its max and sum, and at the end of the workspace one
 // counter per (sequence, kv head) of the partitions done (the last one to finish combines them and sets the
 // counter back to zero, so a workspace zeroed once serves every launch). Mirrors
@@ -62,7 +63,7 @@ inline constexpr int64_t kMaxSplitRows = 4096;
 
 inline int64_t paged_attention_workspace_size(int64_t num_seqs, int64_t num_q_heads, int64_t head_dim,
                                               int64_t max_context_len) {
-  const int64_t partitions = (max_context_len + kMinPartitionTokens - 1) / kMinPartitionTokens;
+  const int64_t partitions = (max_context_len + kMinPartitionTokens - 1) / kMinPartitionTokens + 1;
   int64_t rows = num_seqs * partitions;
   if (rows > kMaxSplitRows) rows = kMaxSplitRows;
   return rows * num_q_heads * (head_dim + 3);
