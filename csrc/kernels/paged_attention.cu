@@ -498,6 +498,8 @@ paged_attention_kernel(const PagedAttentionParams p, int partition_size, int num
 struct Split {
   int partition_size;  // tokens, a multiple of kTileAlign
   int num_partitions;
+  int new_token_ctas;  // 1 when fused and split: a CTA before the partitions holds the new token (workspace row)
+  int ctas_along_context() const { return num_partitions + new_token_ctas; }
 };
 
 // While (sequence, kv head) pairs alone cannot fill the GPU, partitions are as short as possible (down to
@@ -522,7 +524,7 @@ Split choose_split(const PagedAttentionParams& p) {
   // What the workspace holds; fused, a split sequence has one more partial row (its new token's CTA).
   const int64_t max_partitions = kMaxSplitRows / p.num_seqs - (fused ? 1 : 0);
   if (max_partitions < 2 || max_len <= kMinPartitionTokens) {
-    return {int((max_len + kTileAlign - 1) / kTileAlign * kTileAlign), 1};
+    return {int((max_len + kTileAlign - 1) / kTileAlign * kTileAlign), 1, 0};
   }
   const int64_t sms = std::max(kernels::current_device_traits().multiprocessors, 1);
   int64_t size = (max_len + max_partitions - 1) / max_partitions;
@@ -533,21 +535,20 @@ Split choose_split(const PagedAttentionParams& p) {
     size = std::max({size, kMinPartitionTokens, (max_len * work_items + max_ctas - 1) / max_ctas});
   }
   size = (size + kTileAlign - 1) / kTileAlign * kTileAlign;
-  return {int(size), int((max_len + size - 1) / size)};
+  const int num_partitions = int((max_len + size - 1) / size);
+  return {int(size), num_partitions, fused && num_partitions > 1 ? 1 : 0};
 }
 
 template <typename T, int HEAD_DIM, int GROUP>
 cudaError_t launch(const PagedAttentionParams& p, const Split& split, cudaStream_t stream) {
   const bool fused = p.prologue.key != nullptr;
-  // Fused and split, one CTA before the partitions holds the new token.
-  const int new_token_ctas = fused && split.num_partitions > 1 ? 1 : 0;
   // Under programmatic launch only the CTAs that fit beside the kernel in front start early (fetching their first
   // tile before it ends), about one an SM beside the qkv GEMV, and CTAs are dispatched roughly in grid order. The
   // context runs slowest, so the first ones dispatched are every sequence's new token and first partitions, the ones
   // that hold tokens; the partitions past the real lengths (a launch is shaped for max_context_len) come last and
   // exit at once. With the context fastest, a kv head's 34 CTAs at batch 1 (max_context_len 2048), mostly empty,
   // came before the next head's: attention 7.29 -> 7.03 us a layer in the batch-1 decode graph (H200).
-  const dim3 grid(p.num_kv_heads, p.num_seqs, split.num_partitions + new_token_ctas);
+  const dim3 grid(p.num_kv_heads, p.num_seqs, split.ctas_along_context());
   const auto kernel = fused ? paged_attention_kernel<T, HEAD_DIM, GROUP, true>
                             : paged_attention_kernel<T, HEAD_DIM, GROUP, false>;
   return kernels::launch_kernel(kernel, {grid, dim3(kThreads)}, stream, p, split.partition_size,
