@@ -17,22 +17,25 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.bench import QWEN3_0_6B, model_dir, seed_prompts
 
 
-def family(name: str) -> str:
+def family(name: str, previous: str) -> str:
+    """The kernel's part of the step; the GEMVs are told apart by the kernel before them."""
     lower = name.lower()
     if "paged_attention" in lower:
         return "attention"
     if "skinny" in lower:  # SkinnyPrologue::Kind 2 = add + RMSNorm, 1 = SiLU-and-mul
         if "kind)2" in lower:
-            return "qkv / gate_up (norm fused)"
+            return "gate_up (norm fused)" if previous == "o_proj" else "qkv (norm fused)"
         if "kind)1" in lower:
             return "down (silu fused)"
-        return "o_proj / lm_head / layer-0 qkv"
+        if previous == "attention":
+            return "o_proj"
+        return "lm_head" if previous == "final rms_norm" else "layer-0 qkv"
     if "sample" in lower:
         return "sampler"
     if "copy_pinned" in lower:
         return "copy_pinned"
     if "rms" in lower:
-        return "rms_norm"
+        return "final rms_norm" if previous == "down (silu fused)" else "rms_norm"
     return name[:60]
 
 
@@ -55,42 +58,43 @@ def main(new_tokens: int) -> None:
     kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                      key=lambda e: e.time_range.start)
 
-    # Decode steps only: from the end of the first sampler (the prefill's) to the end of the last.
-    share, count = collections.Counter(), collections.Counter()
-    steps, latest_end, first_end, last_end = 0, None, None, None
+    # Each kernel's share of the critical path, decode steps only: from the end of the first sampler (the
+    # prefill's) on.
+    names, shares = [], []
+    latest_end = first_end = None
     for kernel in kernels:
-        name = family(kernel.name)
+        names.append(family(kernel.name, names[-1] if names else ""))
         if latest_end is None:
-            if name == "sampler":
+            shares.append(None)
+            if names[-1] == "sampler":
                 latest_end = first_end = kernel.time_range.end
             continue
-        share[name] += max(0.0, kernel.time_range.end - latest_end)
-        count[name] += 1
+        shares.append(max(0.0, kernel.time_range.end - latest_end))
         latest_end = max(latest_end, kernel.time_range.end)
-        if name == "sampler":
-            steps += 1
-            last_end = latest_end
+    samplers = [i for i, name in enumerate(names) if name == "sampler"]
+    steps, last_end = len(samplers) - 1, kernels[samplers[-1]].time_range.end
+    share, count = collections.Counter(), collections.Counter()
+    for name, us in zip(names[samplers[0] + 1:samplers[-1] + 1], shares[samplers[0] + 1:samplers[-1] + 1]):
+        share[name] += us
+        count[name] += 1
     print(f"wall per token: {' '.join(f'{w:.1f}' for w in walls)} us; profiled decode steps {steps}, GPU span per "
           f"step {(last_end - first_end) / steps:.1f} us, attributed {sum(share.values()) / steps:.1f} us")
     for name, us in share.most_common():
         print(f"  {name:40s} {us / steps:8.2f} us/step  ({count[name] / steps:.1f} kernels/step, "
               f"{us / max(count[name], 1):.2f} us each)")
 
-    samplers = [i for i, e in enumerate(kernels) if "sample" in e.name.lower()][1:-1]
-    print("position  kernel                                              gap_before  duration  end_gap (us, mean)")
+    print("position  kernel                                              gap_before  duration  share (us, mean)")
     for offset in range(-3, 8):
-        gaps, durations, end_gaps = [], [], []
-        for i in samplers:
+        gaps, durations, step_shares = [], [], []
+        for i in samplers[1:-1]:
             j = i + offset
-            previous_end = max(e.time_range.end for e in kernels[max(0, j - 4):j])
             gaps.append(kernels[j].time_range.start - kernels[j - 1].time_range.end)
             durations.append(kernels[j].time_range.end - kernels[j].time_range.start)
-            end_gaps.append(max(0.0, kernels[j].time_range.end - previous_end))
-        ordered = sorted(end_gaps)
-        print(f"{offset:+3d}  {kernels[samplers[0] + offset].name[:50]:50s} {sum(gaps) / len(gaps):8.2f} "
-              f"{sum(durations) / len(durations):8.2f} {sum(end_gaps) / len(end_gaps):8.2f} "
+            step_shares.append(shares[j])
+        ordered = sorted(step_shares)
+        print(f"{offset:+3d}  {names[samplers[1] + offset]:50s} {sum(gaps) / len(gaps):8.2f} "
+              f"{sum(durations) / len(durations):8.2f} {sum(step_shares) / len(step_shares):8.2f} "
               f"(median {ordered[len(ordered) // 2]:.2f}, p90 {ordered[int(len(ordered) * 0.9)]:.2f})")
-
 
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 1024)

@@ -111,7 +111,8 @@ struct Workspace {
   float* max;
   float* sum;
   unsigned* counters_end;
-  __device__ Workspace(const PagedAttentionParams& p, int rows_per_head) {
+  int num_kv_heads;
+  __device__ Workspace(const PagedAttentionParams& p, int rows_per_head) : num_kv_heads(p.num_kv_heads) {
     const int64_t rows = int64_t(p.num_seqs) * p.num_q_heads * rows_per_head;
     out = p.workspace;
     max = out + rows * p.head_dim;
@@ -119,7 +120,7 @@ struct Workspace {
     counters_end = reinterpret_cast<unsigned*>(p.workspace + p.workspace_size);
   }
   __device__ unsigned* partitions_done(int seq, int kv_head) const {
-    return counters_end - 1 - (int64_t(seq) * gridDim.x + kv_head);
+    return counters_end - 1 - (int64_t(seq) * num_kv_heads + kv_head);
   }
 };
 
