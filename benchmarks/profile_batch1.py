@@ -96,5 +96,6 @@ def main(new_tokens: int) -> None:
               f"{sum(durations) / len(durations):8.2f} {sum(step_shares) / len(step_shares):8.2f} "
               f"(median {ordered[len(ordered) // 2]:.2f}, p90 {ordered[int(len(ordered) * 0.9)]:.2f})")
 
+
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 1024)
