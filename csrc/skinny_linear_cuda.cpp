@@ -1,5 +1,6 @@
-// CUDA implementations of skinny_linear, silu_mul_skinny_linear and add_rms_norm_skinny_linear (schemas in
-// csrc/torch_bindings.cpp): check the tensors, then call the launcher of csrc/kernels/skinny_linear.cu.
+// CUDA implementations of skinny_linear, silu_mul_skinny_linear, add_rms_norm_skinny_linear and
+// rms_norm_skinny_linear (schemas in csrc/torch_bindings.cpp): check the tensors, then call the launcher of
+// csrc/kernels/skinny_linear.cu.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -77,6 +78,22 @@ bool overlaps(const at::Tensor& a, const at::Tensor& b) {
   return a0 < b0 + b.numel() * b.element_size() && b0 < a0 + a.numel() * a.element_size();
 }
 
+void check_norm_weight(const char* op, const at::Tensor& norm_weight, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(norm_weight.is_cuda() && norm_weight.device() == x.device() &&
+                  norm_weight.scalar_type() == x.scalar_type() && norm_weight.dim() == 1 &&
+                  norm_weight.size(0) == weight.size(1) && norm_weight.is_contiguous() && aligned16(norm_weight),
+              op, ": norm_weight must be a contiguous, 16-byte aligned ", x.scalar_type(), " [", weight.size(1),
+              "] tensor on ", x.device(), ", got ", norm_weight.scalar_type(), " ", norm_weight.sizes());
+}
+
+void rms_norm_skinny_linear(const at::Tensor& out, const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                            const at::Tensor& weight) {
+  constexpr const char* op = "rms_norm_skinny_linear";
+  check_norm_weight(op, norm_weight, x, weight);
+  run(op, out, x, "x", weight,
+      {SkinnyPrologue::Kind::kRmsNorm, nullptr, nullptr, norm_weight.data_ptr(), static_cast<float>(eps)});
+}
+
 void add_rms_norm_skinny_linear(const at::Tensor& out, const at::Tensor& residual_out, const at::Tensor& x,
                                 const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
                                 const at::Tensor& weight) {
@@ -88,11 +105,7 @@ void add_rms_norm_skinny_linear(const at::Tensor& out, const at::Tensor& residua
                 t->scalar_type(), " ", t->sizes(), " with strides ", t->strides());
     TORCH_CHECK(aligned16(*t), op, ": ", name, " must start at a 16-byte aligned address");
   }
-  TORCH_CHECK(norm_weight.is_cuda() && norm_weight.device() == x.device() &&
-                  norm_weight.scalar_type() == x.scalar_type() && norm_weight.dim() == 1 &&
-                  norm_weight.size(0) == weight.size(1) && norm_weight.is_contiguous() && aligned16(norm_weight),
-              op, ": norm_weight must be a contiguous, 16-byte aligned ", x.scalar_type(), " [", weight.size(1),
-              "] tensor on ", x.device(), ", got ", norm_weight.scalar_type(), " ", norm_weight.sizes());
+  check_norm_weight(op, norm_weight, x, weight);
   // Every block reads x and residual while the first one writes residual_out.
   TORCH_CHECK(!overlaps(residual_out, x) && !overlaps(residual_out, residual), op,
               ": residual_out must not overlap x or residual");
@@ -107,4 +120,5 @@ TORCH_LIBRARY_IMPL(nanovllm_cpp, CUDA, m) {
   m.impl("skinny_linear", &skinny_linear);
   m.impl("silu_mul_skinny_linear", &silu_mul_skinny_linear);
   m.impl("add_rms_norm_skinny_linear", &add_rms_norm_skinny_linear);
+  m.impl("rms_norm_skinny_linear", &rms_norm_skinny_linear);
 }

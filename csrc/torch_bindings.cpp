@@ -72,4 +72,7 @@ TORCH_LIBRARY(nanovllm_cpp, m) {
   m.def(
       "add_rms_norm_skinny_linear(Tensor(a!) out, Tensor(b!) residual_out, Tensor x, Tensor residual, "
       "Tensor norm_weight, float eps, Tensor weight) -> ()");
+  // The first layer's projection: out = rms_norm(x, norm_weight, eps) @ weight^T, the norm rounded to the dtype as
+  // rms_norm followed by skinny_linear would. norm_weight [K]; the same limits as skinny_linear.
+  m.def("rms_norm_skinny_linear(Tensor(a!) out, Tensor x, Tensor norm_weight, float eps, Tensor weight) -> ()");
 }

@@ -3,9 +3,9 @@
 - BlockAllocator: the paged KV cache's block manager with prefix caching (C++, pybind11).
 - store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding, qk_norm_rotary_store, silu_and_mul,
   paged_attention_decode (and qk_norm_rotary_paged_attention, decode with the attention prologue fused in), the skinny
-  decode GEMVs (skinny_linear, silu_mul_skinny_linear, add_rms_norm_skinny_linear), copy_pinned (pinned host
-  memory to or from the device by a kernel: a step's staged inputs and sampled tokens): torch ops
-  (torch.ops.nanovllm_cpp.*) with hand-written CUDA kernels and PyTorch references on the CPU.
+  decode GEMVs (skinny_linear, silu_mul_skinny_linear, add_rms_norm_skinny_linear, rms_norm_skinny_linear),
+  copy_pinned (pinned host memory to or from the device by a kernel: a step's staged inputs and sampled tokens):
+  torch ops (torch.ops.nanovllm_cpp.*) with hand-written CUDA kernels and PyTorch references on the CPU.
 - CUDA_ENABLED: False when the build skipped the CUDA kernels (CPU-only torch or no nvcc).
 """
 
@@ -46,6 +46,7 @@ from nanovllm_cpp.ops import (
     qk_norm_rotary_paged_attention,
     qk_norm_rotary_store,
     rms_norm,
+    rms_norm_skinny_linear,
     rotary_embedding,
     silu_and_mul,
     silu_mul_skinny_linear,
@@ -58,6 +59,6 @@ __all__ = [
     "copy_pinned", "fused_add_rms_norm",
     "paged_attention_decode", "paged_attention_workspace", "paged_attention_workspace_size",
     "qk_norm_rotary_paged_attention", "qk_norm_rotary_store",
-    "rms_norm", "rotary_embedding", "silu_and_mul", "silu_mul_skinny_linear", "skinny_linear",
+    "rms_norm", "rms_norm_skinny_linear", "rotary_embedding", "silu_and_mul", "silu_mul_skinny_linear", "skinny_linear",
     "SKINNY_LINEAR_MAX_ROWS", "store_kvcache",
 ]

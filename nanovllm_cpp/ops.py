@@ -19,7 +19,8 @@ if not CUDA_ENABLED and torch.cuda.is_available():
 _ops = torch.ops.nanovllm_cpp
 _OP_NAMES = ("store_kvcache", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "qk_norm_rotary_store",
              "silu_and_mul", "paged_attention_decode", "qk_norm_rotary_paged_attention", "sample_tokens",
-             "skinny_linear", "silu_mul_skinny_linear", "add_rms_norm_skinny_linear", "copy_pinned")
+             "skinny_linear", "silu_mul_skinny_linear", "add_rms_norm_skinny_linear",
+             "rms_norm_skinny_linear", "copy_pinned")
 
 # Most activation rows skinny_linear and silu_mul_skinny_linear take (kSkinnyLinearMaxRows in
 # csrc/kernels/skinny_linear.h); larger batches belong to a GEMM.
@@ -197,3 +198,13 @@ def add_rms_norm_skinny_linear(out: torch.Tensor, residual_out: torch.Tensor, x:
     launch of its own.
     """
     _ops.add_rms_norm_skinny_linear(out, residual_out, x, residual, norm_weight, eps, weight)
+
+
+def rms_norm_skinny_linear(out: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                           weight: torch.Tensor) -> None:
+    """rms_norm then skinny_linear in one launch (the first layer's projection, with no residual yet):
+    out = rms_norm(x) * norm_weight @ weight^T, the norm rounded to the dtype as rms_norm rounds it.
+
+    norm_weight: [K]. The same limits as skinny_linear.
+    """
+    _ops.rms_norm_skinny_linear(out, x, norm_weight, eps, weight)

@@ -145,6 +145,12 @@ def add_rms_norm_skinny_linear(out: torch.Tensor, residual_out: torch.Tensor, x:
     out.copy_(normed.float() @ weight.float().T)
 
 
+def rms_norm_skinny_linear(out: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                           weight: torch.Tensor) -> None:
+    normed = rms_norm_fp32(x, norm_weight, eps).to(x.dtype)
+    out.copy_(normed.float() @ weight.float().T)
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit xor-shift-multiply hash on int64 lanes holding values < 2**32."""
     mask = 0xFFFFFFFF

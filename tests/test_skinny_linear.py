@@ -1,5 +1,5 @@
-"""skinny_linear, silu_mul_skinny_linear and add_rms_norm_skinny_linear (decode-sized GEMMs, M <= 8) against
-fp64 references.
+"""skinny_linear, silu_mul_skinny_linear, add_rms_norm_skinny_linear and rms_norm_skinny_linear (decode-sized
+GEMMs, M <= 8) against fp64 references.
 
 Every check draws fresh random inputs and writes into a view of a NaN-poisoned wider buffer: every element of
 out must be written and nothing beside it. Relative error ||out - ref|| / ||ref|| <= 1e-2 for bf16, 2e-3 for
@@ -26,7 +26,7 @@ ROWS = list(range(1, ops.SKINNY_LINEAR_MAX_ROWS + 1))
 QWEN3_SHAPES = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 1024)]
 ODD_SHAPES = [(1000, 1024), (4100, 520), (1, 8), (37, 8200), (100, 25000)]
 DOWN_SHAPES = [(1024, 3072), (1000, 1024), (37, 8200)]  # (N, K) of the down projection; gate_up is [M, 2K]
-# (N, K) after a residual add + RMSNorm: qkv and gate_up of Qwen3-0.6B, odd N, K staged in slices at M = 8.
+# (N, K) after a (residual add +) RMSNorm: qkv and gate_up of Qwen3-0.6B, odd N, K staged in slices at M = 8.
 NORM_SHAPES = [(4096, 1024), (6144, 1024), (1000, 520), (37, 8200)]
 
 worst_errors: dict[str, float] = {}
@@ -94,6 +94,22 @@ def check_add_rms_norm_skinny_linear(name, dtype, rows, n, k, weight, device="cu
     check(name, buffer, out, normed @ weight.double().T)
 
 
+def rms_norm_fp64(x: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
+    """The fp64 reference of rms_norm(x) * norm_weight, rounded to the dtype as the op rounds it."""
+    normed = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight.double()
+    return normed.to(x.dtype).double()
+
+
+def check_rms_norm_skinny_linear(name, dtype, rows, n, k, weight, x=None, device="cuda"):
+    x = torch.randn(rows, k, device=device).to(dtype) if x is None else x
+    norm_weight = (1 + 0.2 * torch.randn(k, device=device)).to(dtype)
+    buffer, out = poisoned_out(rows, n, dtype, device)
+    original = x.clone()
+    ops.rms_norm_skinny_linear(out, x, norm_weight, 1e-6, weight)
+    assert torch.equal(x, original), f"{name}: x was written"
+    check(name, buffer, out, rms_norm_fp64(x, norm_weight) @ weight.double().T)
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 
 
@@ -133,6 +149,31 @@ def test_add_rms_norm_skinny_linear(dtype, rows, shape):
 
 
 @requires_cuda
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}")
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_skinny_linear(dtype, rows, shape):
+    n, k = shape
+    check_rms_norm_skinny_linear("rms_norm_skinny_linear", dtype, rows, n, k, cached_weight(n, k, dtype))
+
+
+@requires_cuda
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_rms_norm_skinny_linear_equals_the_two_ops(rows):
+    """The same function as rms_norm then skinny_linear, up to the order of the norm's sum."""
+    n, k, dtype = 4096, 1024, torch.bfloat16
+    weight = cached_weight(n, k, dtype)
+    x = torch.randn(rows, k, device="cuda").to(dtype)
+    norm_weight = (1 + 0.2 * torch.randn(k, device="cuda")).to(dtype)
+    out = torch.empty(rows, n, device="cuda", dtype=dtype)
+    ops.rms_norm_skinny_linear(out, x, norm_weight, 1e-6, weight)
+    normed, separate = torch.empty_like(x), torch.empty_like(out)
+    ops.rms_norm(normed, x, norm_weight, 1e-6)
+    ops.skinny_linear(separate, normed, weight)
+    assert ((out.double() - separate.double()).norm() / separate.double().norm()).item() < 1e-3
+
+
+@requires_cuda
 @pytest.mark.parametrize("rows", [1, 2, 8])
 def test_add_rms_norm_skinny_linear_equals_the_two_ops(rows):
     """The same function as fused_add_rms_norm then skinny_linear, up to the order of the norm's sum."""
@@ -164,6 +205,8 @@ def test_strided_activations(dtype, rows):
     buffer, out = poisoned_out(rows, n, dtype)
     ops.silu_mul_skinny_linear(out, gate_up, weight)
     check("silu_mul_skinny_linear strided", buffer, out, silu_mul_fp64(gate_up, k) @ weight.double().T)
+    check_rms_norm_skinny_linear("rms_norm_skinny_linear strided", dtype, rows, n, k, weight,
+                                 x=strided_rows(rows, k, dtype))
 
 
 @requires_cuda
@@ -244,6 +287,13 @@ def test_rejects_bad_input():
     for message, (o, r_out, xx, r, w) in norm_cases:
         with pytest.raises(RuntimeError, match=message):
             ops.add_rms_norm_skinny_linear(o, r_out, xx, r, w, 1e-6, weight)
+    for message, (o, xx, w) in [
+        (r"norm_weight must be a contiguous, 16-byte aligned BFloat16 \[64\]", (out, x, torch.ones(32, **bf16))),
+        ("norm_weight must be a contiguous", (out, x, torch.ones(64, device="cuda"))),
+        (r"x must be \[4, 64\]", (out, torch.randn(4, 72, **bf16), norm_weight)),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            ops.rms_norm_skinny_linear(o, xx, w, 1e-6, weight)
     # The limit itself is accepted.
     ops.skinny_linear(torch.empty(limit, 32, **bf16), torch.randn(limit, 64, **bf16), weight)
 
@@ -261,6 +311,8 @@ def test_cuda_opcheck(rows):
     torch.library.opcheck(torch.ops.nanovllm_cpp.add_rms_norm_skinny_linear.default,
                           (out, residual_out, x, residual, torch.ones(64, device="cuda", dtype=torch.bfloat16), 1e-6,
                            weight))
+    torch.library.opcheck(torch.ops.nanovllm_cpp.rms_norm_skinny_linear.default,
+                          (out, x, torch.ones(64, device="cuda", dtype=torch.bfloat16), 1e-6, weight))
 
 
 # ---------------------------------------------------------------------------------------------------- CPU
@@ -278,6 +330,7 @@ def test_cpu_reference(dtype):
     ops.silu_mul_skinny_linear(out, gate_up, weight)
     check("silu_mul_skinny_linear cpu", buffer, out, silu_mul_fp64(gate_up, 64) @ weight.double().T)
     check_add_rms_norm_skinny_linear("add_rms_norm_skinny_linear cpu", dtype, 3, 40, 64, weight, device="cpu")
+    check_rms_norm_skinny_linear("rms_norm_skinny_linear cpu", dtype, 3, 40, 64, weight, device="cpu")
 
 
 def test_cpu_opcheck():
@@ -290,3 +343,5 @@ def test_cpu_opcheck():
     torch.library.opcheck(torch.ops.nanovllm_cpp.add_rms_norm_skinny_linear.default,
                           (out, torch.empty_like(x), x, torch.randn_like(x), torch.ones(64, dtype=torch.bfloat16), 1e-6,
                            weight))
+    torch.library.opcheck(torch.ops.nanovllm_cpp.rms_norm_skinny_linear.default,
+                          (out, x, torch.ones(64, dtype=torch.bfloat16), 1e-6, weight))

@@ -7,7 +7,7 @@
 // - small N splits K over `split` warps of the block (their partial sums meet in shared memory), so even
 //   N = 1024 fills every SM;
 // - the activations (or silu(gate) * up, for the MLP down projection; or rms_norm(x + residual) * w, for the
-//   projection after a residual add and norm) are staged once per block in shared memory as fp32; the first
+//   projection after a residual add and norm; or rms_norm(x) * w, for the first layer's) are staged once per block in shared memory as fp32; the first
 //   weight loads are issued before the staging, so its latency hides behind them;
 // - blocks loop over row tiles (a persistent grid for the LM head), so the activations are staged once per
 //   block, not once per tile;
@@ -106,20 +106,35 @@ __device__ __forceinline__ float normed(float sum, float inv_rms, T weight) {
   return to_float(from_float<T>(sum * inv_rms * to_float(weight)));
 }
 
-// x + residual rounded to T, as fused_add_rms_norm stores it.
-template <typename T>
-__device__ __forceinline__ Pack<T, 8> residual_sum(const Problem& p, int m, int col) {
+template <SkinnyPrologue::Kind P>
+inline constexpr bool kNormalizes = P == SkinnyPrologue::Kind::kAddRmsNorm || P == SkinnyPrologue::Kind::kRmsNorm;
+
+// The row the norm prologues normalise: x + residual rounded to T, as fused_add_rms_norm stores it; or x.
+template <typename T, SkinnyPrologue::Kind P>
+__device__ __forceinline__ Pack<T, 8> prenorm_row(const Problem& p, int m, int col) {
   const Pack<T, 8> x = load_pack<T, 8>(static_cast<const T*>(p.x) + m * p.x_row_stride + col);
-  const Pack<T, 8> r = load_pack<T, 8>(static_cast<const T*>(p.prologue.residual) + m * p.k + col);
-  Pack<T, 8> sum;
+  if constexpr (P == SkinnyPrologue::Kind::kRmsNorm) {
+    return x;
+  } else {
+    const Pack<T, 8> r = load_pack<T, 8>(static_cast<const T*>(p.prologue.residual) + m * p.k + col);
+    Pack<T, 8> sum;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) sum.v[j] = from_float<T>(to_float(r.v[j]) + to_float(x.v[j]));
-  return sum;
+    for (int j = 0; j < 8; ++j) sum.v[j] = from_float<T>(to_float(r.v[j]) + to_float(x.v[j]));
+    return sum;
+  }
 }
 
-// kAddRmsNorm, once per block before the first staging: inv_rms[m] of row m of x + residual (warp m). Loads only
-// (block 0 writes the sums when it stages them), so the unrolled loads of a lane go out together.
-template <typename T, int M>
+// kAddRmsNorm: block 0 writes the sums x + residual (the next residual) as it stages them.
+template <typename T, SkinnyPrologue::Kind P>
+__device__ __forceinline__ void store_residual_out(const Problem& p, int m, int col, const Pack<T, 8>& sum) {
+  if constexpr (P == SkinnyPrologue::Kind::kAddRmsNorm) {
+    if (blockIdx.x == 0) store_pack(static_cast<T*>(p.prologue.residual_out) + m * p.k + col, sum);
+  }
+}
+
+// The norm prologues, once per block before the first staging: inv_rms[m] of row m (warp m). Loads only, so the
+// unrolled loads of a lane go out together.
+template <typename T, int M, SkinnyPrologue::Kind P>
 __device__ void compute_row_scales(const Problem& p, float* inv_rms) {
   static_assert(M <= kWarps, "one warp per row");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -127,7 +142,7 @@ __device__ void compute_row_scales(const Problem& p, float* inv_rms) {
   float sum_squares = 0.f;
 #pragma unroll 4
   for (int col = lane * 8; col < p.k; col += 32 * 8) {
-    const Pack<T, 8> sum = residual_sum<T>(p, warp, col);
+    const Pack<T, 8> sum = prenorm_row<T, P>(p, warp, col);
 #pragma unroll
     for (int j = 0; j < 8; ++j) sum_squares += to_float(sum.v[j]) * to_float(sum.v[j]);
   }
@@ -150,10 +165,10 @@ __device__ void stage_activations(float* staged, const Problem& p, int k0, int c
       const Pack<T, 8> up = load_pack<T, 8>(row + p.k);
 #pragma unroll
       for (int j = 0; j < 8; ++j) values[j] = silu(to_float(first.v[j])) * to_float(up.v[j]);
-    } else if constexpr (P == SkinnyPrologue::Kind::kAddRmsNorm) {
-      const Pack<T, 8> sum = residual_sum<T>(p, m, k0 + col);
+    } else if constexpr (kNormalizes<P>) {
+      const Pack<T, 8> sum = prenorm_row<T, P>(p, m, k0 + col);
       const Pack<T, 8> w = load_pack<T, 8>(static_cast<const T*>(p.prologue.norm_weight) + k0 + col);
-      if (blockIdx.x == 0) store_pack(static_cast<T*>(p.prologue.residual_out) + m * p.k + k0 + col, sum);
+      store_residual_out<T, P>(p, m, k0 + col, sum);
 #pragma unroll
       for (int j = 0; j < 8; ++j) values[j] = normed(to_float(sum.v[j]), inv_rms[m], w.v[j]);
     } else {
@@ -165,13 +180,13 @@ __device__ void stage_activations(float* staged, const Problem& p, int k0, int c
   }
 }
 
-// kAddRmsNorm in one pass over x and residual, when all of K is staged at once and a thread owns at most one
-// 8-column pack of each row (kNormPassCols): the row sums x + residual go to the stage as they are loaded, their
-// squares meet in shared memory, and the stage is scaled in place. compute_row_scales then stage_activations load
-// x and residual twice, one more L2 round trip after the wait.
+// The norm prologues in one pass over their inputs, when all of K is staged at once and a thread owns at most one
+// 8-column pack of each row (kNormPassCols): the rows (x + residual, or x) go to the stage as they are loaded,
+// their squares meet in shared memory, and the stage is scaled in place. compute_row_scales then
+// stage_activations load the inputs twice, one more L2 round trip after the wait.
 constexpr int kNormPassCols = kThreads * 8;
 
-template <typename T, int M>
+template <typename T, int M, SkinnyPrologue::Kind P>
 __device__ void stage_normed_activations(float* staged, const Problem& p, float (&row_squares)[kWarps][M]) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int col = threadIdx.x * 8;
@@ -182,8 +197,8 @@ __device__ void stage_normed_activations(float* staged, const Problem& p, float 
     norm_weight = load_pack<T, 8>(static_cast<const T*>(p.prologue.norm_weight) + col);
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-      const Pack<T, 8> sum = residual_sum<T>(p, m, col);
-      if (blockIdx.x == 0) store_pack(static_cast<T*>(p.prologue.residual_out) + m * p.k + col, sum);
+      const Pack<T, 8> sum = prenorm_row<T, P>(p, m, col);
+      store_residual_out<T, P>(p, m, col, sum);
       float values[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
@@ -298,12 +313,12 @@ __global__ void __launch_bounds__(kThreads, M <= 2 ? 2 : 1) skinny_linear_kernel
           } else {
             wait_for_prior_grids();  // the activations are the previous kernel's output
           }
-          if constexpr (P == SkinnyPrologue::Kind::kAddRmsNorm) {
+          if constexpr (kNormalizes<P>) {
             if (one_pass_norm) {
-              stage_normed_activations<T, M>(staged, p, row_squares);
+              stage_normed_activations<T, M, P>(staged, p, row_squares);
             } else {
               if (!staged_once) {
-                compute_row_scales<T, M>(p, inv_rms);
+                compute_row_scales<T, M, P>(p, inv_rms);
                 __syncthreads();
               }
               stage_activations<T, M, P>(staged, p, k0, cols, inv_rms);
@@ -440,6 +455,7 @@ cudaError_t launch_skinny_linear(DType dtype, void* out, int64_t out_row_stride,
       case Kind::kNone: status = launch_rows<T, Kind::kNone>(rows, p, stream); break;
       case Kind::kSiluMul: status = launch_rows<T, Kind::kSiluMul>(rows, p, stream); break;
       case Kind::kAddRmsNorm: status = launch_rows<T, Kind::kAddRmsNorm>(rows, p, stream); break;
+      case Kind::kRmsNorm: status = launch_rows<T, Kind::kRmsNorm>(rows, p, stream); break;
     }
   });
   return status;

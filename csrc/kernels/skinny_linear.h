@@ -24,6 +24,7 @@ struct SkinnyPrologue {
     kAddRmsNorm,  // r = x + residual rounded to the dtype, written to residual_out; a = rms_norm(r) * norm_weight
                   // rounded to the dtype (fused_add_rms_norm's two outputs, out of place); residual, residual_out
                   // contiguous [rows, k], norm_weight [k]
+    kRmsNorm,     // a = rms_norm(x) * norm_weight rounded to the dtype (rms_norm's output); norm_weight [k]
   };
   Kind kind = Kind::kNone;
   const void* residual = nullptr;

@@ -36,12 +36,15 @@ def add_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm, proj: 
     """(proj(norm(x + residual)), x + residual) for an RMSNorm `norm` and a linear layer whose output needs no
     reduction; without a residual, (proj(norm(x)), x). Where the skinny kernel applies, one launch does the add,
     the norm and the projection (the new residual out of place)."""
-    if residual is None:
-        return proj(norm(x)), x
     if not skinny_applies(x, proj.weight, proj.bias, proj.skinny_max_rows):
+        if residual is None:
+            return proj(norm(x)), x
         hidden, residual = norm(x, residual)
         return proj(hidden), residual
     y = x.new_empty(x.shape[0], proj.weight.shape[0])
+    if residual is None:
+        nanovllm_cpp.rms_norm_skinny_linear(y, x, norm.weight, norm.eps, proj.weight)
+        return y, x
     residual_out = torch.empty_like(residual)
     nanovllm_cpp.add_rms_norm_skinny_linear(y, residual_out, x, residual, norm.weight, norm.eps, proj.weight)
     return y, residual_out
