@@ -22,7 +22,7 @@ def family(name: str, previous: str) -> str:
     lower = name.lower()
     if "paged_attention" in lower:
         return "attention"
-    if "skinny" in lower:  # SkinnyPrologue::Kind 2 = add + RMSNorm, 1 = SiLU-and-mul
+    if "skinny" in lower:  # SkinnyPrologue::Kind 3 = RMSNorm, 2 = add + RMSNorm, 1 = SiLU-and-mul
         if "kind)2" in lower:
             return "gate_up (norm fused)" if previous == "o_proj" else "qkv (norm fused)"
         if "kind)1" in lower:
@@ -30,6 +30,8 @@ def family(name: str, previous: str) -> str:
         if previous == "attention":
             return "o_proj"
         return "lm_head" if previous == "final rms_norm" else "layer-0 qkv"
+    if "gather_embedding" in lower:
+        return "gather_embedding"
     if "sample" in lower:
         return "sampler"
     if "copy_pinned" in lower:

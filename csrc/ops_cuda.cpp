@@ -1,5 +1,5 @@
-// CUDA implementations of store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding, qk_norm_rotary_store
-// and copy_pinned (schemas in csrc/torch_bindings.cpp): check the tensors, describe their layouts as plain
+// CUDA implementations of store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding, qk_norm_rotary_store,
+// copy_pinned and gather_embedding (schemas in csrc/torch_bindings.cpp): check the tensors, describe their layouts as plain
 // sizes and strides, and call the launchers of csrc/kernels/. This is the only file of these ops that includes torch headers.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -303,9 +303,34 @@ void copy_pinned(const at::Tensor& dst, const at::Tensor& src, int64_t nbytes) {
                op);
 }
 
+void gather_embedding(const at::Tensor& out, const at::Tensor& weight, const at::Tensor& ids, const at::Tensor& rows) {
+  constexpr const char* op = "gather_embedding";
+  for (const auto& [t, name] : {std::pair{&out, "out"}, {&weight, "weight"}, {&ids, "ids"}, {&rows, "rows"}})
+    check_cuda(*t, out, op, name);
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && nanovllm::aligned16(weight), op,
+              ": weight must be a contiguous, 16-byte aligned [vocab, hidden] tensor, got ", weight.sizes(),
+              " with strides ", weight.strides());
+  const int64_t row_bytes = weight.size(1) * weight.element_size();
+  TORCH_CHECK(row_bytes % 16 == 0, op, ": a weight row must be a multiple of 16 bytes, got ", row_bytes);
+  for (const auto& [t, name] : {std::pair{&ids, "ids"}, {&rows, "rows"}})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous(), op, ": ", name,
+                " must be a contiguous int64 vector, got ", t->scalar_type(), " ", t->sizes());
+  TORCH_CHECK(rows.size(0) <= 65535, op, ": at most 65535 rows, got ", rows.size(0));
+  TORCH_CHECK(out.scalar_type() == weight.scalar_type() && out.dim() == 2 && out.size(0) == rows.size(0) &&
+                  out.size(1) == weight.size(1) && out.is_contiguous() && nanovllm::aligned16(out),
+              op, ": out must be a contiguous, 16-byte aligned ", weight.scalar_type(), " [", rows.size(0), ", ",
+              weight.size(1), "] tensor, got ", out.scalar_type(), " ", out.sizes());
+  const c10::cuda::CUDAGuard guard(out.device());
+  check_launch(nanovllm::kernels::launch_gather_embedding(
+                   out.data_ptr(), weight.data_ptr(), weight.size(0), row_bytes, ids.data_ptr<int64_t>(), ids.size(0),
+                   rows.data_ptr<int64_t>(), rows.size(0), c10::cuda::getCurrentCUDAStream()),
+               op);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nanovllm_cpp, CUDA, m) {
+  m.impl("gather_embedding", &gather_embedding);
   m.impl("store_kvcache", &store_kvcache);
   m.impl("rms_norm", &rms_norm);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm);

@@ -35,6 +35,11 @@ TORCH_LIBRARY(nanovllm_cpp, m) {
   // copy-engine transfer (in a CUDA graph a kernel node, not a memcpy node). A step's staged inputs and its
   // sampled tokens travel this way.
   m.def("copy_pinned(Tensor(a!) dst, Tensor src, int nbytes) -> ()");
+  // out[r] = weight[ids[rows[r]]], a decode step's input ids gathered from the table of sampled and staged ids and
+  // looked up in one launch; a zero row where rows[r] is outside ids or the id outside the vocabulary. weight:
+  // [vocab, hidden] contiguous, rows of a multiple of 16 bytes; ids, rows: int64 vectors; out: contiguous
+  // [len(rows), hidden] of weight's dtype.
+  m.def("gather_embedding(Tensor(a!) out, Tensor weight, Tensor ids, Tensor rows) -> ()");
   // One query token per sequence against its paged KV. out, query: [num_seqs, num_q_heads, head_dim];
   // block_tables: int32 [num_seqs, max_blocks_per_seq]; context_lens: int32 [num_seqs] (0 = padding row, its
   // output is left untouched); max_context_len: a host-side bound on context_lens (fixed for a CUDA graph);

@@ -4,8 +4,9 @@
 - store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding, qk_norm_rotary_store, silu_and_mul,
   paged_attention_decode (and qk_norm_rotary_paged_attention, decode with the attention prologue fused in), the skinny
   decode GEMVs (skinny_linear, silu_mul_skinny_linear, add_rms_norm_skinny_linear, rms_norm_skinny_linear),
-  copy_pinned (pinned host memory to or from the device by a kernel: a step's staged inputs and sampled tokens):
-  torch ops (torch.ops.nanovllm_cpp.*) with hand-written CUDA kernels and PyTorch references on the CPU.
+  copy_pinned (pinned host memory to or from the device by a kernel: a step's staged inputs and sampled tokens),
+  gather_embedding (a decode step's input-id gather and embedding lookup in one launch): torch ops
+  (torch.ops.nanovllm_cpp.*) with hand-written CUDA kernels and PyTorch references on the CPU.
 - CUDA_ENABLED: False when the build skipped the CUDA kernels (CPU-only torch or no nvcc).
 """
 
@@ -40,6 +41,7 @@ from nanovllm_cpp.ops import (
     add_rms_norm_skinny_linear,
     copy_pinned,
     fused_add_rms_norm,
+    gather_embedding,
     paged_attention_decode,
     paged_attention_workspace,
     paged_attention_workspace_size,
@@ -56,7 +58,7 @@ from nanovllm_cpp.ops import (
 
 __all__ = [
     "AllocatorStats", "BlockAllocator", "OutOfBlocksError", "CUDA_ENABLED", "add_rms_norm_skinny_linear",
-    "copy_pinned", "fused_add_rms_norm",
+    "copy_pinned", "fused_add_rms_norm", "gather_embedding",
     "paged_attention_decode", "paged_attention_workspace", "paged_attention_workspace_size",
     "qk_norm_rotary_paged_attention", "qk_norm_rotary_store",
     "rms_norm", "rms_norm_skinny_linear", "rotary_embedding", "silu_and_mul", "silu_mul_skinny_linear", "skinny_linear",

@@ -20,7 +20,7 @@ _ops = torch.ops.nanovllm_cpp
 _OP_NAMES = ("store_kvcache", "rms_norm", "fused_add_rms_norm", "rotary_embedding", "qk_norm_rotary_store",
              "silu_and_mul", "paged_attention_decode", "qk_norm_rotary_paged_attention", "sample_tokens",
              "skinny_linear", "silu_mul_skinny_linear", "add_rms_norm_skinny_linear",
-             "rms_norm_skinny_linear", "copy_pinned")
+             "rms_norm_skinny_linear", "copy_pinned", "gather_embedding")
 
 # Most activation rows skinny_linear and silu_mul_skinny_linear take (kSkinnyLinearMaxRows in
 # csrc/kernels/skinny_linear.h); larger batches belong to a GEMM.
@@ -100,6 +100,17 @@ def copy_pinned(dst: torch.Tensor, src: torch.Tensor, nbytes: int) -> None:
     transfer, so the kernels around it follow without the copy engine's hand-off (inside a CUDA graph it is a
     kernel node). Ordered on the current stream like a kernel; on CPU tensors, a copy."""
     _ops.copy_pinned(dst, src, nbytes)
+
+
+def gather_embedding(out: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> None:
+    """out[r] = weight[ids[rows[r]]] in one launch: a decode step's input ids, gathered from the table of sampled
+    and staged ids, looked up in the embedding. A row of zeros where rows[r] is outside ids or the id outside
+    [0, vocab) (a kernel cannot raise).
+
+    weight: contiguous [vocab, hidden] with rows of a multiple of 16 bytes; ids, rows: int64 vectors; out:
+    contiguous [len(rows), hidden] of weight's dtype.
+    """
+    _ops.gather_embedding(out, weight, ids, rows)
 
 
 def paged_attention_decode(out: torch.Tensor, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -39,6 +39,15 @@ def copy_pinned(dst: torch.Tensor, src: torch.Tensor, nbytes: int) -> None:
     dst[:nbytes].copy_(src[:nbytes])
 
 
+def gather_embedding(out: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> None:
+    picked = torch.full_like(rows, -1)
+    row_ok = (rows >= 0) & (rows < ids.numel())
+    picked[row_ok] = ids[rows[row_ok]]
+    valid = (picked >= 0) & (picked < weight.shape[0])
+    out.zero_()
+    out[valid] = weight[picked[valid]]
+
+
 def rotary_cos_sin_cache(head_dim: int, max_position: int, base: float,
                          scaling: dict | None = None) -> torch.Tensor:
     """float32 [max_position, head_dim]: cos of each frequency in the first half, sin in the second."""

@@ -1,5 +1,5 @@
-"""CUDA kernels of store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding, qk_norm_rotary_store and
-copy_pinned against their references.
+"""CUDA kernels of store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding, qk_norm_rotary_store,
+copy_pinned and gather_embedding against their references.
 
 Each check draws fresh random inputs, poisons outputs with NaN where the op has a separate output, and compares
 with nanovllm_cpp.reference (fp32 math): relative error ||out - ref|| / ||ref|| <= 1e-2 for bf16/fp16 and 1e-5 for
@@ -495,6 +495,69 @@ def test_copy_pinned_rejects_bad_input():
         ops.copy_pinned(dst, src, 272)
 
 
+# -------------------------------------------------------------------------------------------- gather_embedding
+
+
+def gather_inputs(vocab: int, hidden: int, dtype: torch.dtype, device: str = "cuda"):
+    """A weight, a table of ids (the last two out of the vocabulary) and rows into it (the last two out of the
+    table): the rows' expected outputs are the embeddings of their ids, zero for the invalid ones."""
+    weight = torch.randn(vocab, hidden, device=device).to(dtype)
+    ids = torch.cat([torch.randint(0, vocab, (10,), device=device), torch.tensor([-1, vocab], device=device)])
+    rows = torch.tensor([3, 0, 9, 3, 5, 10, 11, -1, 12], device=device)
+    expected = torch.zeros(rows.numel(), hidden, device=device, dtype=dtype)
+    expected[:5] = weight[ids[rows[:5]]]
+    return weight, ids, rows, expected
+
+
+@requires_cuda
+@pytest.mark.parametrize("hidden", [8, 576, 1024, 5000])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_embedding(dtype, hidden):
+    """Bit for bit the rows F.embedding(ids[rows]) gives, zero rows for the invalid rows and ids."""
+    weight, ids, rows, expected = gather_inputs(1000, hidden, dtype)
+    out = torch.full_like(expected, float("nan"))
+    ops.gather_embedding(out, weight, ids, rows)
+    assert torch.equal(out.view(BITS[dtype]), expected.view(BITS[dtype]))
+    cpu = torch.empty_like(out.cpu())
+    ops.gather_embedding(cpu, weight.cpu(), ids.cpu(), rows.cpu())
+    assert torch.equal(cpu, expected.cpu())
+
+
+@requires_cuda
+def test_gather_embedding_cuda_graph():
+    """A replay reads the ids and rows as they are at the replay."""
+    weight, ids, rows, _ = gather_inputs(1000, 1024, torch.bfloat16)
+    out = torch.empty(rows.numel(), 1024, device="cuda", dtype=torch.bfloat16)
+    ops.gather_embedding(out, weight, ids, rows)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.gather_embedding(out, weight, ids, rows)
+    for _ in range(2):
+        ids[:10].random_(0, 1000)
+        rows[:5] = torch.randint(0, 10, (5,), device="cuda")
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[:5], weight[ids[rows[:5]]]) and not out[5:].any()
+
+
+@requires_cuda
+def test_gather_embedding_rejects_bad_input():
+    weight, ids, rows, expected = gather_inputs(100, 64, torch.bfloat16)
+    out = torch.empty_like(expected)
+    cases = [
+        ("a weight row must be a multiple of 16 bytes, got 10", (out[:, :5], weight[:, :5].contiguous(), ids, rows)),
+        ("weight must be a contiguous", (out, weight.t().contiguous().t(), ids, rows)),
+        ("ids must be a contiguous int64 vector, got Int", (out, weight, ids.int(), rows)),
+        ("rows must be a contiguous int64 vector", (out, weight, ids, rows[::2])),
+        (r"out must be a contiguous, 16-byte aligned BFloat16 \[9, 64\]", (out[:4], weight, ids, rows)),
+        ("out must be a contiguous", (out.half(), weight, ids, rows)),
+        ("rows must be a CUDA tensor", (out, weight, ids, rows.cpu())),
+    ]
+    for message, args in cases:
+        with pytest.raises(RuntimeError, match=message):
+            ops.gather_embedding(*args)
+
+
 # ------------------------------------------------------------------------------------------------- opcheck
 
 
@@ -542,6 +605,13 @@ def test_opcheck_qk_norm_rotary_store(device, with_norm):
     k_cache.zero_()  # opcheck compares the outputs of several runs: no NaN poison
     v_cache.zero_()
     torch.library.opcheck(torch.ops.nanovllm_cpp.qk_norm_rotary_store.default, args)
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_opcheck_gather_embedding(device):
+    weight, ids, rows, expected = gather_inputs(100, 64, torch.bfloat16, device)
+    torch.library.opcheck(torch.ops.nanovllm_cpp.gather_embedding.default,
+                          (torch.zeros_like(expected), weight, ids, rows))
 
 
 def test_opcheck_copy_pinned():

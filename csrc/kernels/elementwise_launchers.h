@@ -1,6 +1,6 @@
 // Plain C++ entry points of the elementwise CUDA kernels (store_kvcache, rms_norm, fused_add_rms_norm,
-// rotary_embedding, qk_norm_rotary_store, silu_and_mul, copy_pinned). They take raw pointers, sizes and
-// strides, so the .cu files need no torch headers; the torch-facing checks live in csrc/ops_cuda.cpp (silu_and_mul's in
+// rotary_embedding, qk_norm_rotary_store, silu_and_mul, copy_pinned, gather_embedding). They take raw pointers,
+// sizes and strides, so the .cu files need no torch headers; the torch-facing checks live in csrc/ops_cuda.cpp (silu_and_mul's in
 // csrc/activation_cuda.cpp). Strides are in elements (bytes for store_kvcache), the last dim is always contiguous.
 // Each launcher enqueues one kernel on `stream` and returns cudaGetLastError().
 #pragma once
@@ -76,5 +76,12 @@ cudaError_t launch_silu_and_mul(DType dtype, void* out, int64_t out_row_stride, 
 // device-accessible address (cudaPointerAttributes::devicePointer): src if from_host, else dst. nbytes a multiple
 // of 16, both 16-byte aligned.
 cudaError_t launch_copy_pinned(void* dst, const void* src, int64_t nbytes, bool from_host, cudaStream_t stream);
+
+// out row r (row_bytes contiguous bytes) = weight row ids[rows[r]] for r < num_rows (num_rows <= 65535); a zero
+// row where rows[r] is outside [0, num_ids) or the id outside [0, vocab). row_bytes a multiple of 16, out and
+// weight contiguous and 16-byte aligned.
+cudaError_t launch_gather_embedding(void* out, const void* weight, int64_t vocab, int64_t row_bytes,
+                                    const int64_t* ids, int64_t num_ids, const int64_t* rows, int64_t num_rows,
+                                    cudaStream_t stream);
 
 }  // namespace nanovllm::kernels

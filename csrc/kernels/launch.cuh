@@ -11,8 +11,8 @@
 // waits for this one to complete before it reads anything). One documented exception: the fused decode attention
 // (paged_attention.h, DecodePrologue) also reads, before its wait, the host-staged step inputs and the KV cache of
 // earlier steps; every engine step starts with copy_pinned of its staged inputs, which stores them only after
-// all kernels of the steps before are complete, and then gathers its input ids with a plain (non-programmatic)
-// launch, which starts only once that copy is complete.
+// all kernels of the steps before are complete, and then gathers its input ids with gather_embedding, which lets
+// the kernels after it launch only once its own wait has returned, so once that copy is complete.
 //
 // NANOVLLM_PDL=0 in the environment turns the attribute off (ordinary stream order), to measure what it buys.
 #pragma once

@@ -255,8 +255,8 @@ class ModelRunner:
         """Model, LM head and sampler over the first rows of the step buffers (the body of a decode graph): the
         tokens land in d_tokens[:rows]; returns the logits (model dtype) for the top-k / top-p path."""
         d = self.buffers.d
-        input_ids = self.token_pool.index_select(0, d["input_rows"][:rows])
-        logits = self.model.compute_logits(self.model(input_ids, d["positions"][:rows]))
+        hidden = self.model(self.token_pool, d["positions"][:rows], d["input_rows"][:rows])
+        logits = self.model.compute_logits(hidden)
         ops.sample_tokens(self.d_tokens[:rows], logits, d["temperatures"][:rows], d["keys"][:rows])
         return logits
 

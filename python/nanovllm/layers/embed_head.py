@@ -5,6 +5,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+import nanovllm_cpp
 from nanovllm.layers.linear import linear
 from nanovllm.layers.parallel import check_shape, tp_group, tp_rank_and_size
 
@@ -26,7 +27,14 @@ class VocabParallelEmbedding(nn.Module):
         param.data[: shard.shape[0]].copy_(shard)
         param.data[shard.shape[0]:].zero_()  # the last rank's padding rows
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, id_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The embeddings of input_ids, or of input_ids[id_rows] when id_rows is given (one launch on the GPU)."""
+        if id_rows is not None and self.tp_size == 1 and self.weight.is_cuda:
+            out = self.weight.new_empty(id_rows.shape[0], self.weight.shape[1])
+            nanovllm_cpp.gather_embedding(out, self.weight, input_ids, id_rows)
+            return out
+        if id_rows is not None:
+            input_ids = input_ids.index_select(0, id_rows)
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         local = input_ids - self.vocab_start
