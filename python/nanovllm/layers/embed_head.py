@@ -29,7 +29,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, id_rows: torch.Tensor | None = None) -> torch.Tensor:
         """The embeddings of input_ids, or of input_ids[id_rows] when id_rows is given (one launch on the GPU)."""
-        if id_rows is not None and self.tp_size == 1 and self.weight.is_cuda:
+        row_bytes = self.weight.shape[1] * self.weight.element_size()
+        if id_rows is not None and self.tp_size == 1 and self.weight.is_cuda and row_bytes % 16 == 0:
             out = self.weight.new_empty(id_rows.shape[0], self.weight.shape[1])
             nanovllm_cpp.gather_embedding(out, self.weight, input_ids, id_rows)
             return out
