@@ -139,22 +139,18 @@ def test_silu_mul_skinny_linear(dtype, rows, shape):
     check("silu_mul_skinny_linear", buffer, out, silu_mul_fp64(gate_up, k) @ weight.double().T)
 
 
-@requires_cuda
-@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}")
-@pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_add_rms_norm_skinny_linear(dtype, rows, shape):
-    n, k = shape
-    check_add_rms_norm_skinny_linear("add_rms_norm_skinny_linear", dtype, rows, n, k, cached_weight(n, k, dtype))
+NORM_CHECKS = {"add_rms_norm_skinny_linear": check_add_rms_norm_skinny_linear,
+               "rms_norm_skinny_linear": check_rms_norm_skinny_linear}
 
 
 @requires_cuda
 @pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: f"N{s[0]}-K{s[1]}")
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_skinny_linear(dtype, rows, shape):
+@pytest.mark.parametrize("op", NORM_CHECKS)
+def test_norm_fused_skinny_linear(op, dtype, rows, shape):
     n, k = shape
-    check_rms_norm_skinny_linear("rms_norm_skinny_linear", dtype, rows, n, k, cached_weight(n, k, dtype))
+    NORM_CHECKS[op](op, dtype, rows, n, k, cached_weight(n, k, dtype))
 
 
 @requires_cuda
