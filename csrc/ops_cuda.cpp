@@ -1,6 +1,7 @@
 // CUDA implementations of store_kvcache, rms_norm, fused_add_rms_norm, rotary_embedding, qk_norm_rotary_store,
-// copy_pinned and gather_embedding (schemas in csrc/torch_bindings.cpp): check the tensors, describe their layouts as plain
-// sizes and strides, and call the launchers of csrc/kernels/. This is the only file of these ops that includes torch headers.
+// copy_pinned and gather_embedding (schemas in csrc/torch_bindings.cpp): check the tensors, describe their
+// layouts as plain sizes and strides, and call the launchers of csrc/kernels/. This is the only file of these ops
+// that includes torch headers.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -330,11 +331,11 @@ void gather_embedding(const at::Tensor& out, const at::Tensor& weight, const at:
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nanovllm_cpp, CUDA, m) {
-  m.impl("gather_embedding", &gather_embedding);
   m.impl("store_kvcache", &store_kvcache);
   m.impl("rms_norm", &rms_norm);
   m.impl("fused_add_rms_norm", &fused_add_rms_norm);
   m.impl("rotary_embedding", &rotary_embedding);
   m.impl("qk_norm_rotary_store", &qk_norm_rotary_store);
   m.impl("copy_pinned", &copy_pinned);
+  m.impl("gather_embedding", &gather_embedding);
 }

@@ -7,8 +7,9 @@
 // - small N splits K over `split` warps of the block (their partial sums meet in shared memory), so even
 //   N = 1024 fills every SM;
 // - the activations (or silu(gate) * up, for the MLP down projection; or rms_norm(x + residual) * w, for the
-//   projection after a residual add and norm; or rms_norm(x) * w, for the first layer's) are staged once per block in shared memory as fp32; the first
-//   weight loads are issued before the staging, so its latency hides behind them;
+//   projection after a residual add and norm; or rms_norm(x) * w, for the first layer's) are staged once per
+//   block in shared memory as fp32; the first weight loads are issued before the staging, so its latency hides
+//   behind them;
 // - blocks loop over row tiles (a persistent grid for the LM head), so the activations are staged once per
 //   block, not once per tile;
 // - under programmatic dependent launch the first weight loads are issued before the wait for the kernel in
