@@ -5,11 +5,16 @@
 // - a grid barrier: one persistent kernel that does the same kPhases times, with a barrier between phases
 //   (each CTA adds to a counter with release semantics, then spins on it with acquire loads).
 // Every phase, block b reads the value block b + 1 wrote in the phase before, so no phase can skip the sync.
+// Then what handing a 1024-float vector on costs at such a boundary (the hidden state between two projections):
+// written in slices, one per CTA as a GEMV writes its rows, or summed by float4 atomics from every CTA, as a
+// down projection merged into the gate_up GEMV (each CTA's slice of the intermediate times its columns of the down
+// weight) would have to. Every CTA reads the whole vector the phase before wrote.
 //
 //   nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -o /tmp/sync_cost benchmarks/sync_cost.cu && /tmp/sync_cost
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <utility>
 
 #define CHECK(call)                                                                            \
   do {                                                                                         \
@@ -58,6 +63,37 @@ __global__ void persistent_kernel(unsigned* values, unsigned* arrived) {
 }
 
 __global__ void reset_counter(unsigned* arrived) { *arrived = 0; }
+
+constexpr int kVectorFloats = 1024;
+constexpr int kVectorThreads = kVectorFloats / 4;  // one float4 a thread
+
+__device__ __forceinline__ float4 read_vector(const float* vector) {
+  return reinterpret_cast<const float4*>(vector)[threadIdx.x];
+}
+
+// Two buffers in turn: phase p reads buffer (p + 1) % 2, block b writes its slice of buffer p % 2.
+__global__ void slice_handoff_kernel(float* buffers, int phase) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  const float4 in = read_vector(buffers + (phase + 1) % 2 * kVectorFloats);
+  __shared__ float sums[kVectorThreads];
+  sums[threadIdx.x] = in.x + in.y + in.z + in.w;
+  __syncthreads();
+  const int slice = (kVectorFloats + gridDim.x - 1) / gridDim.x;
+  const int i = blockIdx.x * slice + threadIdx.x;
+  if (threadIdx.x < slice && i < kVectorFloats) buffers[phase % 2 * kVectorFloats + i] = sums[threadIdx.x] * 0.5f + 1.f;
+}
+
+// Three buffers in turn: phase p reads buffer (p + 2) % 3, every block adds into buffer p % 3, and block 0 zeroes
+// buffer (p + 1) % 3, which phase p - 1 read and phase p + 1 adds into.
+__global__ void atomic_handoff_kernel(float* buffers, int phase) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  const float4 in = read_vector(buffers + (phase + 2) % 3 * kVectorFloats);
+  const float4 mine = make_float4(in.x * 1e-3f + 1.f, in.y * 1e-3f, in.z * 1e-3f, in.w * 1e-3f);
+  atomicAdd(reinterpret_cast<float4*>(buffers + phase % 3 * kVectorFloats) + threadIdx.x, mine);
+  if (blockIdx.x == 0) reinterpret_cast<float4*>(buffers + (phase + 1) % 3 * kVectorFloats)[threadIdx.x] = float4{};
+}
 
 // Microseconds per replay of `graph`.
 static float replay_us(cudaGraphExec_t graph, cudaStream_t stream) {
@@ -114,12 +150,42 @@ int main() {
 
         const float chain_us = replay_us(chain, stream), persistent_us = replay_us(persistent, stream);
         CHECK(cudaStreamSynchronize(stream));
-        std::printf("%3d threads x %3d CTAs, programmatic launch %s: %.3f us a kernel boundary, %.3f us a grid barrier\n",
+        std::printf("%3d threads x %3d CTAs, programmatic launch %s: %.3f us a kernel boundary, "
+                    "%.3f us a grid barrier\n",
                     threads, sms * ctas_per_sm, programmatic ? "on " : "off", chain_us / kPhases,
                     persistent_us / kPhases);
         CHECK(cudaGraphExecDestroy(chain));
         CHECK(cudaGraphExecDestroy(persistent));
       }
+    }
+  }
+
+  float* vectors;
+  CHECK(cudaMalloc(&vectors, 3 * kVectorFloats * sizeof(float)));
+  CHECK(cudaMemset(vectors, 0, 3 * kVectorFloats * sizeof(float)));
+  for (int ctas_per_sm : {1, 2}) {
+    for (const auto& [kernel, how] : {std::pair{slice_handoff_kernel, "written in slices"},
+                                      {atomic_handoff_kernel, "summed by float4 atomics from every CTA"}}) {
+      cudaLaunchAttribute attribute;
+      attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attribute.val.programmaticStreamSerializationAllowed = 1;
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(sms * ctas_per_sm);
+      config.blockDim = dim3(kVectorThreads);
+      config.stream = stream;
+      config.attrs = &attribute;
+      config.numAttrs = 1;
+      cudaGraph_t graph;
+      cudaGraphExec_t chain;
+      CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+      for (int phase = 0; phase < kPhases; ++phase) CHECK(cudaLaunchKernelEx(&config, kernel, vectors, phase));
+      CHECK(cudaStreamEndCapture(stream, &graph));
+      CHECK(cudaGraphInstantiate(&chain, graph, 0));
+      const float chain_us = replay_us(chain, stream);
+      CHECK(cudaStreamSynchronize(stream));
+      std::printf("%d threads x %3d CTAs, programmatic launch on, a %d-float vector %s: %.3f us a kernel boundary\n",
+                  kVectorThreads, sms * ctas_per_sm, kVectorFloats, how, chain_us / kPhases);
+      CHECK(cudaGraphExecDestroy(chain));
     }
   }
   return 0;
