@@ -112,6 +112,35 @@ static float replay_us(cudaGraphExec_t graph, cudaStream_t stream) {
   return ms * 1e3f / kReplays;
 }
 
+// A launch shape of `ctas` x `threads` on `stream`, with programmatic dependent launch or without.
+struct PhaseLaunch {
+  cudaLaunchAttribute attribute = {};
+  cudaLaunchConfig_t config = {};
+  PhaseLaunch(int ctas, int threads, bool programmatic, cudaStream_t stream) {
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = programmatic;
+    config.gridDim = dim3(ctas);
+    config.blockDim = dim3(threads);
+    config.stream = stream;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+  }
+  PhaseLaunch(const PhaseLaunch&) = delete;  // config points at attribute
+};
+
+// An instantiated graph of kernel(data, phase) for phase = 0 .. kPhases - 1, one after the other.
+template <typename T>
+static cudaError_t capture_phases(const PhaseLaunch& launch, void (*kernel)(T*, int), T* data, cudaGraphExec_t* exec) {
+  cudaGraph_t graph;
+  cudaError_t status = cudaStreamBeginCapture(launch.config.stream, cudaStreamCaptureModeGlobal);
+  if (status != cudaSuccess) return status;
+  for (int phase = 0; phase < kPhases && status == cudaSuccess; ++phase)
+    status = cudaLaunchKernelEx(&launch.config, kernel, data, phase);
+  const cudaError_t captured = cudaStreamEndCapture(launch.config.stream, &graph);
+  if (status != cudaSuccess) return status;
+  return captured != cudaSuccess ? captured : cudaGraphInstantiate(exec, graph, 0);
+}
+
 int main() {
   unsigned *values, *arrived;
   CHECK(cudaMalloc(&values, 4096 * sizeof(unsigned)));
@@ -126,25 +155,13 @@ int main() {
   for (int threads : {128, 512}) {
     for (int ctas_per_sm : {1, 2}) {
       for (int programmatic : {0, 1}) {
-        cudaLaunchAttribute attribute;
-        attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attribute.val.programmaticStreamSerializationAllowed = programmatic;
-        cudaLaunchConfig_t config = {};
-        config.gridDim = dim3(sms * ctas_per_sm);
-        config.blockDim = dim3(threads);
-        config.stream = stream;
-        config.attrs = &attribute;
-        config.numAttrs = 1;
-
+        const PhaseLaunch launch(sms * ctas_per_sm, threads, programmatic, stream);
         cudaGraph_t graph;
         cudaGraphExec_t chain, persistent;
-        CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-        for (int phase = 0; phase < kPhases; ++phase) CHECK(cudaLaunchKernelEx(&config, phase_kernel, values, phase));
-        CHECK(cudaStreamEndCapture(stream, &graph));
-        CHECK(cudaGraphInstantiate(&chain, graph, 0));
+        CHECK(capture_phases(launch, phase_kernel, values, &chain));
         CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
         reset_counter<<<1, 1, 0, stream>>>(arrived);
-        CHECK(cudaLaunchKernelEx(&config, persistent_kernel, values, arrived));
+        CHECK(cudaLaunchKernelEx(&launch.config, persistent_kernel, values, arrived));
         CHECK(cudaStreamEndCapture(stream, &graph));
         CHECK(cudaGraphInstantiate(&persistent, graph, 0));
 
@@ -166,21 +183,8 @@ int main() {
   for (int ctas_per_sm : {1, 2}) {
     for (const auto& [kernel, how] : {std::pair{slice_handoff_kernel, "written in slices"},
                                       {atomic_handoff_kernel, "summed by float4 atomics from every CTA"}}) {
-      cudaLaunchAttribute attribute;
-      attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attribute.val.programmaticStreamSerializationAllowed = 1;
-      cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(sms * ctas_per_sm);
-      config.blockDim = dim3(kVectorThreads);
-      config.stream = stream;
-      config.attrs = &attribute;
-      config.numAttrs = 1;
-      cudaGraph_t graph;
       cudaGraphExec_t chain;
-      CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-      for (int phase = 0; phase < kPhases; ++phase) CHECK(cudaLaunchKernelEx(&config, kernel, vectors, phase));
-      CHECK(cudaStreamEndCapture(stream, &graph));
-      CHECK(cudaGraphInstantiate(&chain, graph, 0));
+      CHECK(capture_phases(PhaseLaunch(sms * ctas_per_sm, kVectorThreads, true, stream), kernel, vectors, &chain));
       const float chain_us = replay_us(chain, stream);
       CHECK(cudaStreamSynchronize(stream));
       std::printf("%d threads x %3d CTAs, programmatic launch on, a %d-float vector %s: %.3f us a kernel boundary\n",
