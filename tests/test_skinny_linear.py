@@ -73,14 +73,19 @@ def silu_mul_fp64(gate_up: torch.Tensor, k: int) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def rms_norm_fp64(x: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
+    """The fp64 reference of rms_norm(x) * norm_weight, rounded to the dtype as the op rounds it."""
+    normed = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight.double()
+    return normed.to(x.dtype).double()
+
+
 def add_rms_norm_inputs(rows: int, k: int, dtype: torch.dtype, device: str = "cuda"):
     """x, residual and norm_weight, and the fp64 reference of the normalized rows (rounded to the dtype, as the
     op rounds them) and of x + residual (rounded likewise)."""
     x, residual = (torch.randn(rows, k, device=device).to(dtype) for _ in range(2))
     norm_weight = (1 + 0.2 * torch.randn(k, device=device)).to(dtype)
     summed = (x.double() + residual.double()).to(dtype)
-    normed = summed.double() * torch.rsqrt(summed.double().pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight.double()
-    return x, residual, norm_weight, normed.to(dtype).double(), summed
+    return x, residual, norm_weight, rms_norm_fp64(summed, norm_weight), summed
 
 
 def check_add_rms_norm_skinny_linear(name, dtype, rows, n, k, weight, device="cuda"):
@@ -92,12 +97,6 @@ def check_add_rms_norm_skinny_linear(name, dtype, rows, n, k, weight, device="cu
     assert torch.equal(x, inputs[0]) and torch.equal(residual, inputs[1]), f"{name}: an input was written"
     assert torch.equal(residual_out, summed), f"{name}: residual_out is not x + residual rounded"
     check(name, buffer, out, normed @ weight.double().T)
-
-
-def rms_norm_fp64(x: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
-    """The fp64 reference of rms_norm(x) * norm_weight, rounded to the dtype as the op rounds it."""
-    normed = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * norm_weight.double()
-    return normed.to(x.dtype).double()
 
 
 def check_rms_norm_skinny_linear(name, dtype, rows, n, k, weight, x=None, device="cuda"):

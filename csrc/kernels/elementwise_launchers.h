@@ -1,7 +1,8 @@
 // Plain C++ entry points of the elementwise CUDA kernels (store_kvcache, rms_norm, fused_add_rms_norm,
 // rotary_embedding, qk_norm_rotary_store, silu_and_mul, copy_pinned, gather_embedding). They take raw pointers,
 // sizes and strides, so the .cu files need no torch headers; the torch-facing checks live in csrc/ops_cuda.cpp
-// (silu_and_mul's in csrc/activation_cuda.cpp). Strides are in elements (bytes for store_kvcache), the last dim is always contiguous.
+// (silu_and_mul's in csrc/activation_cuda.cpp). Strides are in elements (bytes for store_kvcache), the last dim is
+// always contiguous.
 // Each launcher enqueues one kernel on `stream` and returns cudaGetLastError().
 #pragma once
 
