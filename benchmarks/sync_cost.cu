@@ -9,6 +9,11 @@
 // written in slices, one per CTA as a GEMV writes its rows, or summed by float4 atomics from every CTA, as a
 // down projection merged into the gate_up GEMV (each CTA's slice of the intermediate times its columns of the down
 // weight) would have to. Every CTA reads the whole vector the phase before wrote.
+// Last, the same vector handed on without any wait for a grid: each element travels with a tag (the phase that wrote
+// it) in one 8-byte word, and readers poll their words until every tag is the one they expect, so the data and the
+// news that it is ready come in one L2 round trip. Once in a chain of kernels that each let the next launch at
+// once and never wait for a grid (the kernel in front is resident by then, so polling cannot deadlock), once
+// inside one persistent kernel.
 //
 //   nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -o /tmp/sync_cost benchmarks/sync_cost.cu && /tmp/sync_cost
 #include <cuda_runtime.h>
@@ -141,6 +146,87 @@ static cudaError_t capture_phases(const PhaseLaunch& launch, void (*kernel)(T*, 
   return captured != cudaSuccess ? captured : cudaGraphInstantiate(exec, graph, 0);
 }
 
+// Tagged words: element i of buffer b is words[b][i] = {value, tag}, 8 bytes stored and loaded whole. Phase p reads
+// buffer p % 2, expecting tag p, and writes buffer (p + 1) % 2 with tag p + 1; every phase rewrites every word of its
+// buffer, so a word left from an earlier phase or replay never carries the tag a reader waits for.
+__device__ __forceinline__ uint4 load_tagged_pair(const uint2* words) {
+  uint4 pair;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(pair.x), "=r"(pair.y), "=r"(pair.z), "=r"(pair.w)
+               : "l"(words)
+               : "memory");
+  return pair;
+}
+
+__device__ __forceinline__ void store_tagged(uint2* word, float value, unsigned tag) {
+  asm volatile("st.volatile.global.v2.u32 [%0], {%1, %2};" ::"l"(word), "r"(__float_as_uint(value)), "r"(tag)
+               : "memory");
+}
+
+// This thread's 4 elements of the vector, once all four carry `tag`.
+__device__ __forceinline__ float4 read_tagged_vector(const uint2* words, unsigned tag) {
+  const uint2* mine = words + 4 * threadIdx.x;
+  uint4 low, high;
+  do {
+    low = load_tagged_pair(mine);
+    high = load_tagged_pair(mine + 2);
+  } while (low.y != tag || low.w != tag || high.y != tag || high.w != tag);
+  return make_float4(__uint_as_float(low.x), __uint_as_float(low.z), __uint_as_float(high.x), __uint_as_float(high.z));
+}
+
+__device__ __forceinline__ void pass_tagged_vector_on(uint2* words, int phase) {
+  const float4 in = read_tagged_vector(words + phase % 2 * kVectorFloats, phase);
+  __shared__ float sums[kVectorThreads];
+  sums[threadIdx.x] = in.x + in.y + in.z + in.w;
+  __syncthreads();  // every element of the block's input has arrived
+  const int slice = (kVectorFloats + gridDim.x - 1) / gridDim.x;
+  const int i = blockIdx.x * slice + threadIdx.x;
+  if (threadIdx.x < slice && i < kVectorFloats)
+    store_tagged(words + (phase + 1) % 2 * kVectorFloats + i, sums[threadIdx.x] * 0.5f + 1.f, phase + 1);
+}
+
+__global__ void seed_tagged_vector(uint2* words) {
+  for (int i = threadIdx.x; i < kVectorFloats; i += blockDim.x) store_tagged(words + i, 1.f, 0);
+}
+
+__global__ void tagged_handoff_kernel(uint2* words, int phase) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  pass_tagged_vector_on(words, phase);
+}
+
+__global__ void tagged_persistent_kernel(uint2* words) {
+  for (int phase = 0; phase < kPhases; ++phase) pass_tagged_vector_on(words, phase);
+}
+
+// Microseconds per phase of the tagged hand-offs, `ctas` CTAs a phase: a graph of the seed, then the phases as a
+// chain of kernels (persistent false) or as one kernel.
+static cudaError_t tagged_phase_us(int ctas, bool persistent, cudaStream_t stream, float* us) {
+  uint2* words;
+  cudaError_t status = cudaMalloc(&words, 2 * kVectorFloats * sizeof(uint2));
+  if (status != cudaSuccess) return status;
+  cudaMemset(words, 0xff, 2 * kVectorFloats * sizeof(uint2));
+  const PhaseLaunch launch(ctas, kVectorThreads, true, stream);
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  status = cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal);
+  if (status != cudaSuccess) return status;
+  seed_tagged_vector<<<1, kVectorFloats, 0, stream>>>(words);
+  if (persistent)
+    tagged_persistent_kernel<<<ctas, kVectorThreads, 0, stream>>>(words);
+  else
+    for (int phase = 0; phase < kPhases && status == cudaSuccess; ++phase)
+      status = cudaLaunchKernelEx(&launch.config, tagged_handoff_kernel, words, phase);
+  const cudaError_t captured = cudaStreamEndCapture(stream, &graph);
+  if (status == cudaSuccess) status = captured;
+  if (status == cudaSuccess) status = cudaGraphInstantiate(&exec, graph, 0);
+  if (status != cudaSuccess) return status;
+  *us = replay_us(exec, stream) / kPhases;
+  status = cudaStreamSynchronize(stream);
+  cudaGraphExecDestroy(exec);
+  cudaFree(words);
+  return status;
+}
+
 int main() {
   unsigned *values, *arrived;
   CHECK(cudaMalloc(&values, 4096 * sizeof(unsigned)));
@@ -190,6 +276,14 @@ int main() {
       std::printf("%d threads x %3d CTAs, programmatic launch on, a %d-float vector %s: %.3f us a kernel boundary\n",
                   kVectorThreads, sms * ctas_per_sm, kVectorFloats, how, chain_us / kPhases);
       CHECK(cudaGraphExecDestroy(chain));
+    }
+  }
+  for (int ctas_per_sm : {1, 2}) {
+    for (bool persistent : {false, true}) {
+      float us = 0.f;
+      CHECK(tagged_phase_us(sms * ctas_per_sm, persistent, stream, &us));
+      std::printf("%d threads x %3d CTAs, a %d-float vector in tagged words, %s: %.3f us a hand-off\n", kVectorThreads,
+                  sms * ctas_per_sm, kVectorFloats, persistent ? "one persistent kernel" : "a chain of kernels", us);
     }
   }
   return 0;
