@@ -76,17 +76,25 @@ __device__ __forceinline__ float4 read_vector(const float* vector) {
   return reinterpret_cast<const float4*>(vector)[threadIdx.x];
 }
 
+// Block b writes slice b of the next vector: thread t < slice, element b * slice + t, from the 4 elements thread t
+// read. Returns that element's index, or -1 where this thread writes none; `value` is what it writes.
+__device__ __forceinline__ int slice_element(float4 in, float* value) {
+  __shared__ float sums[kVectorThreads];
+  sums[threadIdx.x] = in.x + in.y + in.z + in.w;
+  __syncthreads();  // every thread's input has arrived
+  const int slice = (kVectorFloats + gridDim.x - 1) / gridDim.x;
+  const int i = blockIdx.x * slice + threadIdx.x;
+  *value = sums[threadIdx.x] * 0.5f + 1.f;
+  return threadIdx.x < slice && i < kVectorFloats ? i : -1;
+}
+
 // Two buffers in turn: phase p reads buffer (p + 1) % 2, block b writes its slice of buffer p % 2.
 __global__ void slice_handoff_kernel(float* buffers, int phase) {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  const float4 in = read_vector(buffers + (phase + 1) % 2 * kVectorFloats);
-  __shared__ float sums[kVectorThreads];
-  sums[threadIdx.x] = in.x + in.y + in.z + in.w;
-  __syncthreads();
-  const int slice = (kVectorFloats + gridDim.x - 1) / gridDim.x;
-  const int i = blockIdx.x * slice + threadIdx.x;
-  if (threadIdx.x < slice && i < kVectorFloats) buffers[phase % 2 * kVectorFloats + i] = sums[threadIdx.x] * 0.5f + 1.f;
+  float value;
+  const int i = slice_element(read_vector(buffers + (phase + 1) % 2 * kVectorFloats), &value);
+  if (i >= 0) buffers[phase % 2 * kVectorFloats + i] = value;
 }
 
 // Three buffers in turn: phase p reads buffer (p + 2) % 3, every block adds into buffer p % 3, and block 0 zeroes
@@ -133,17 +141,25 @@ struct PhaseLaunch {
   PhaseLaunch(const PhaseLaunch&) = delete;  // config points at attribute
 };
 
-// An instantiated graph of kernel(data, phase) for phase = 0 .. kPhases - 1, one after the other.
-template <typename T>
-static cudaError_t capture_phases(const PhaseLaunch& launch, void (*kernel)(T*, int), T* data, cudaGraphExec_t* exec) {
+// An instantiated graph of what enqueue() launches on `stream` (it returns the launches' status).
+template <typename Enqueue>
+static cudaError_t capture(cudaStream_t stream, Enqueue&& enqueue, cudaGraphExec_t* exec) {
   cudaGraph_t graph;
-  cudaError_t status = cudaStreamBeginCapture(launch.config.stream, cudaStreamCaptureModeGlobal);
+  cudaError_t status = cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal);
   if (status != cudaSuccess) return status;
-  for (int phase = 0; phase < kPhases && status == cudaSuccess; ++phase)
-    status = cudaLaunchKernelEx(&launch.config, kernel, data, phase);
-  const cudaError_t captured = cudaStreamEndCapture(launch.config.stream, &graph);
+  status = enqueue();
+  const cudaError_t captured = cudaStreamEndCapture(stream, &graph);
   if (status != cudaSuccess) return status;
   return captured != cudaSuccess ? captured : cudaGraphInstantiate(exec, graph, 0);
+}
+
+// kernel(data, phase) for phase = 0 .. kPhases - 1, one after the other.
+template <typename T>
+static cudaError_t launch_phases(const PhaseLaunch& launch, void (*kernel)(T*, int), T* data) {
+  cudaError_t status = cudaSuccess;
+  for (int phase = 0; phase < kPhases && status == cudaSuccess; ++phase)
+    status = cudaLaunchKernelEx(&launch.config, kernel, data, phase);
+  return status;
 }
 
 // Tagged words: element i of buffer b is words[b][i] = {value, tag}, 8 bytes stored and loaded whole. Phase p reads
@@ -175,14 +191,9 @@ __device__ __forceinline__ float4 read_tagged_vector(const uint2* words, unsigne
 }
 
 __device__ __forceinline__ void pass_tagged_vector_on(uint2* words, int phase) {
-  const float4 in = read_tagged_vector(words + phase % 2 * kVectorFloats, phase);
-  __shared__ float sums[kVectorThreads];
-  sums[threadIdx.x] = in.x + in.y + in.z + in.w;
-  __syncthreads();  // every element of the block's input has arrived
-  const int slice = (kVectorFloats + gridDim.x - 1) / gridDim.x;
-  const int i = blockIdx.x * slice + threadIdx.x;
-  if (threadIdx.x < slice && i < kVectorFloats)
-    store_tagged(words + (phase + 1) % 2 * kVectorFloats + i, sums[threadIdx.x] * 0.5f + 1.f, phase + 1);
+  float value;
+  const int i = slice_element(read_tagged_vector(words + phase % 2 * kVectorFloats, phase), &value);
+  if (i >= 0) store_tagged(words + (phase + 1) % 2 * kVectorFloats + i, value, phase + 1);
 }
 
 __global__ void seed_tagged_vector(uint2* words) {
@@ -204,21 +215,16 @@ static cudaError_t tagged_phase_us(int ctas, bool persistent, cudaStream_t strea
   uint2* words;
   cudaError_t status = cudaMalloc(&words, 2 * kVectorFloats * sizeof(uint2));
   if (status != cudaSuccess) return status;
-  cudaMemset(words, 0xff, 2 * kVectorFloats * sizeof(uint2));
-  const PhaseLaunch launch(ctas, kVectorThreads, true, stream);
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  status = cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal);
+  status = cudaMemset(words, 0xff, 2 * kVectorFloats * sizeof(uint2));
   if (status != cudaSuccess) return status;
-  seed_tagged_vector<<<1, kVectorFloats, 0, stream>>>(words);
-  if (persistent)
+  const PhaseLaunch launch(ctas, kVectorThreads, true, stream);
+  cudaGraphExec_t exec;
+  status = capture(stream, [&] {
+    seed_tagged_vector<<<1, kVectorFloats, 0, stream>>>(words);
+    if (!persistent) return launch_phases(launch, tagged_handoff_kernel, words);
     tagged_persistent_kernel<<<ctas, kVectorThreads, 0, stream>>>(words);
-  else
-    for (int phase = 0; phase < kPhases && status == cudaSuccess; ++phase)
-      status = cudaLaunchKernelEx(&launch.config, tagged_handoff_kernel, words, phase);
-  const cudaError_t captured = cudaStreamEndCapture(stream, &graph);
-  if (status == cudaSuccess) status = captured;
-  if (status == cudaSuccess) status = cudaGraphInstantiate(&exec, graph, 0);
+    return cudaGetLastError();
+  }, &exec);
   if (status != cudaSuccess) return status;
   *us = replay_us(exec, stream) / kPhases;
   status = cudaStreamSynchronize(stream);
@@ -242,14 +248,12 @@ int main() {
     for (int ctas_per_sm : {1, 2}) {
       for (int programmatic : {0, 1}) {
         const PhaseLaunch launch(sms * ctas_per_sm, threads, programmatic, stream);
-        cudaGraph_t graph;
         cudaGraphExec_t chain, persistent;
-        CHECK(capture_phases(launch, phase_kernel, values, &chain));
-        CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-        reset_counter<<<1, 1, 0, stream>>>(arrived);
-        CHECK(cudaLaunchKernelEx(&launch.config, persistent_kernel, values, arrived));
-        CHECK(cudaStreamEndCapture(stream, &graph));
-        CHECK(cudaGraphInstantiate(&persistent, graph, 0));
+        CHECK(capture(stream, [&] { return launch_phases(launch, phase_kernel, values); }, &chain));
+        CHECK(capture(stream, [&] {
+          reset_counter<<<1, 1, 0, stream>>>(arrived);
+          return cudaLaunchKernelEx(&launch.config, persistent_kernel, values, arrived);
+        }, &persistent));
 
         const float chain_us = replay_us(chain, stream), persistent_us = replay_us(persistent, stream);
         CHECK(cudaStreamSynchronize(stream));
@@ -269,8 +273,9 @@ int main() {
   for (int ctas_per_sm : {1, 2}) {
     for (const auto& [kernel, how] : {std::pair{slice_handoff_kernel, "written in slices"},
                                       {atomic_handoff_kernel, "summed by float4 atomics from every CTA"}}) {
+      const PhaseLaunch launch(sms * ctas_per_sm, kVectorThreads, true, stream);
       cudaGraphExec_t chain;
-      CHECK(capture_phases(PhaseLaunch(sms * ctas_per_sm, kVectorThreads, true, stream), kernel, vectors, &chain));
+      CHECK(capture(stream, [&, kernel = kernel] { return launch_phases(launch, kernel, vectors); }, &chain));
       const float chain_us = replay_us(chain, stream);
       CHECK(cudaStreamSynchronize(stream));
       std::printf("%d threads x %3d CTAs, programmatic launch on, a %d-float vector %s: %.3f us a kernel boundary\n",
